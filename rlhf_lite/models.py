@@ -1,0 +1,313 @@
+"""The model layer: one base model hosting named LoRA adapters, plus the heads RLHF needs.
+
+Paper Sec. 2 (PAPER.md Sec. 1-2) uses four models: policy, reference, critic and reward model. On one
+GPU we keep **one** base model and give the policy, critic and reward model each a LoRA adapter on it
+(peft); the critic and reward model also get a small linear head on the last hidden state. The
+reference model is the base itself with every adapter disabled, which is exactly the SFT model as long
+as the base *is* the SFT model. This is the arrangement both profiles use:
+
+* ``tiny``: a few-layer ``LlamaForCausalLM`` built from a config and trained from scratch (SFT is a
+  full-parameter fine-tune, then the SFT weights become the base);
+* ``gpu``: a Hugging Face model loaded with ``from_pretrained``, optionally in 4-bit NF4.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+ADAPTER_FILE = "adapter.pt"
+ADAPTER_META = "adapter.json"
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Architecture of the tiny profile's from-scratch decoder (a small Llama)."""
+
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_layers: int = 3
+    """Number of decoder blocks."""
+    num_heads: int = 4
+    """Attention heads (no grouped-query attention at this size)."""
+    intermediate_size: int = 384
+    """Width of the SwiGLU feed-forward layer."""
+    max_positions: int = 128
+    """Context length: prompt plus response must fit."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters shared by the policy, critic and reward adapters."""
+
+    r: int = 16
+    """Rank of each low-rank update."""
+    alpha: int = 32
+    """Scaling numerator: the update is ``alpha / r * B @ A``."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (0 keeps rollouts and updates deterministic)."""
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """Names of the linear layers that get adapters."""
+
+
+def build_tiny_model(vocab_size: int, pad_id: int, eos_id: int, cfg: TinyModelConfig, seed: int) -> LlamaForCausalLM:
+    """A randomly initialised small Llama, built offline from a config (no download)."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=eos_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def guard_bnb_repack(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    On CPUs with AVX512-BF16, an eval-mode ``Linear4bit`` forward under ``no_grad`` permanently repacks
+    its weight; later backward passes then run through a kernel without autograd and LoRA gradients
+    silently become ``None`` (see shared/STACK.md). Returns the number of layers guarded.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def pick_compute_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 where the GPU supports it, fp16 on older GPUs such as a T4, fp32 on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_causal_lm(
+    name_or_path: str | Path,
+    quantize_4bit: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> PreTrainedModel:
+    """Load a causal LM by hub name or local folder, optionally as a 4-bit NF4 base.
+
+    The 4-bit path works on the CPU too (tested with a tiny model saved to a folder); the repack
+    guard is applied after loading.
+    """
+    device = torch.device(device)
+    compute_dtype = compute_dtype or pick_compute_dtype(device)
+    kwargs: dict = {"dtype": compute_dtype}
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    if not quantize_4bit:
+        model.to(device)
+    guard_bnb_repack(model)
+    return model
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore padding: (B, T) mask -> (B, T) ids, so left padding changes nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class StackSpec:
+    """What an :class:`AdapterStack` holds, saved next to its adapters."""
+
+    adapters: list[str]
+    lora: LoraSettings
+    heads: dict[str, bool] = field(default_factory=dict)  # head name -> has bias
+
+
+class AdapterStack(nn.Module):
+    """One base causal LM hosting named LoRA adapters and scalar heads (PAPER.md Sec. 1-2).
+
+    * ``logits(name, ...)`` runs the LM with adapter ``name`` (``None``: adapters disabled, i.e. the
+      reference model);
+    * ``values(name, ...)`` runs adapter ``name`` and applies head ``name`` at every position.
+
+    Only one adapter is active per forward pass, so the policy and critic need separate passes.
+    """
+
+    HEAD_BIAS = {"reward": False, "critic": True}
+
+    def __init__(self, base: PreTrainedModel, adapters: Sequence[str], lora: LoraSettings) -> None:
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        if not adapters:
+            raise ValueError("AdapterStack needs at least one adapter name")
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.lora = lora
+        self.adapter_names = list(adapters)
+        lcfg = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules), bias="none",
+        )
+        self.peft = get_peft_model(base, lcfg, adapter_name=self.adapter_names[0])
+        for name in self.adapter_names[1:]:
+            self.peft.add_adapter(name, lcfg)
+        hidden = base.config.hidden_size
+        self.heads = nn.ModuleDict({
+            name: nn.Linear(hidden, 1, bias=self.HEAD_BIAS[name])
+            for name in self.adapter_names if name in self.HEAD_BIAS
+        })
+        for head in self.heads.values():
+            nn.init.zeros_(head.weight)  # a fresh head scores everything 0: no arbitrary initial signal
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)
+        # peft toggles requires_grad with set_adapter; we decide trainability ourselves.
+        for n, p in self.peft.named_parameters():
+            p.requires_grad_("lora_" in n)
+        self.heads.to(next(base.parameters()).device)
+
+    # ----- plumbing -------------------------------------------------------------------------------
+    @property
+    def base_model(self) -> PreTrainedModel:
+        """The wrapped causal LM (with LoRA layers injected)."""
+        return self.peft.base_model.model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.heads.parameters()).device if len(self.heads) else self.base_model.device
+
+    def activate(self, name: str | None) -> contextlib.AbstractContextManager:
+        """Context in which adapter ``name`` is active (``None``: all adapters disabled)."""
+        if name is None:
+            return self.peft.disable_adapter()
+        if name not in self.adapter_names:
+            raise KeyError(f"unknown adapter {name!r}; this stack has {self.adapter_names}")
+        self.peft.set_adapter(name)
+        # set_adapter switches requires_grad off on the other adapters: switch ours back on.
+        for n, p in self.peft.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+        return contextlib.nullcontext()
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable parameters belonging to adapter ``name`` (its LoRA matrices and head)."""
+        params = [p for n, p in self.peft.named_parameters() if "lora_" in n and n.endswith(f".{name}.weight")]
+        if name in self.heads:
+            params += list(self.heads[name].parameters())
+        return params
+
+    # ----- forward passes -------------------------------------------------------------------------
+    def hidden(self, name: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (B, T, H) with adapter ``name`` active."""
+        with self.activate(name):
+            out = self.base_model.model(
+                input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+            )
+        return out.last_hidden_state
+
+    def logits(self, name: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """LM logits (B, T, V) with adapter ``name`` (``None`` gives the reference model)."""
+        hidden = self.hidden(name, input_ids, attention_mask)
+        return self.base_model.lm_head(hidden).float()
+
+    def values(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Head ``name`` applied at every position: (B, T). The critic's V_t; the RM reads one t."""
+        hidden = self.hidden(name, input_ids, attention_mask)
+        head = self.heads[name]
+        return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+
+    def values_and_logits(
+        self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head values (B, T) and LM logits (B, T, V) from one pass (the RM's optional LM term)."""
+        hidden = self.hidden(name, input_ids, attention_mask)
+        head = self.heads[name]
+        return head(hidden.to(head.weight.dtype)).squeeze(-1).float(), self.base_model.lm_head(hidden).float()
+
+    # ----- adapter surgery and persistence --------------------------------------------------------
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """LoRA weights of ``name`` (keys without the adapter name) plus its head, on the CPU."""
+        suffix = f".{name}.weight"
+        state = {
+            "lora." + n[: -len(suffix)]: p.detach().cpu().clone()
+            for n, p in self.peft.named_parameters() if "lora_" in n and n.endswith(suffix)
+        }
+        if name in self.heads:
+            for k, v in self.heads[name].state_dict().items():
+                state["head." + k] = v.detach().cpu().clone()
+        return state
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`adapter_state`; a state saved under another adapter name loads too."""
+        params = dict(self.peft.named_parameters())
+        lora_keys = [k for k in state if k.startswith("lora.")]
+        if not lora_keys:
+            raise ValueError(f"no LoRA weights in the state for adapter {name!r}")
+        with torch.no_grad():
+            for key in lora_keys:
+                target = f"{key[len('lora.'):]}.{name}.weight"
+                if target not in params:
+                    raise KeyError(f"adapter weight {target} not found: was it saved from another model?")
+                params[target].copy_(state[key].to(params[target].dtype))
+            if name in self.heads:
+                head = self.heads[name]
+                head.weight.copy_(state["head.weight"])
+                if head.bias is not None:
+                    head.bias.copy_(state.get("head.bias", torch.zeros_like(head.bias)))
+
+    def copy_adapter(self, src: str, dst: str) -> None:
+        """Initialise adapter ``dst`` from ``src`` (PPO-max: the critic starts as the reward model)."""
+        self.load_adapter_state(dst, self.adapter_state(src))
+
+    def save_adapter(self, name: str, out_dir: str | Path) -> None:
+        """Write adapter ``name`` with its head: ``adapter.pt`` and ``adapter.json``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(self.adapter_state(name), out / ADAPTER_FILE)
+        meta = {"name": name, "lora": asdict(self.lora), "head_bias": self.HEAD_BIAS.get(name)}
+        (out / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
+
+    def load_adapter(self, name: str, in_dir: str | Path) -> None:
+        """Load an adapter written by :meth:`save_adapter` into slot ``name``."""
+        path = Path(in_dir) / ADAPTER_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: expected an adapter folder written by rlhf_lite")
+        meta = json.loads((Path(in_dir) / ADAPTER_META).read_text())
+        saved = LoraSettings(**{**meta["lora"], "target_modules": tuple(meta["lora"]["target_modules"])})
+        if saved != self.lora:
+            raise ValueError(f"adapter in {in_dir} was trained with {saved}, but this stack uses {self.lora}")
+        self.load_adapter_state(name, torch.load(path, map_location="cpu", weights_only=True))
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Temporarily put ``module`` in eval mode (dropout off), restoring its mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)

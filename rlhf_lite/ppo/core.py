@@ -1,0 +1,421 @@
+"""PPO math for RLHF: one small pure function per equation.
+
+Shapes: B = batch (sequences), T = token positions, V = vocabulary. Unless stated otherwise a tensor is
+(B, T) and ``mask`` is 1 (or True) on response tokens and 0 elsewhere. Masks are treated as binary:
+any nonzero entry selects the position. Masked-out entries of the inputs never influence any output,
+even if they hold garbage (NaN, -100 labels, ...), because they are selected away with ``torch.where``
+rather than multiplied by 0.
+
+Section references: "PAPER.md Sec. N" is the team summary in /work/shared/PAPER.md; "paper Sec. N" is
+Zheng et al. 2023, "Secrets of RLHF in Large Language Models Part I: PPO" (arXiv 2307.04964).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RunningMoments",
+    "clip_grad_norm_global",
+    "compute_gae",
+    "entropy_bonus",
+    "entropy_from_logits",
+    "explained_variance",
+    "kl_k1",
+    "kl_k3",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "normalize_and_clip_advantages",
+    "normalize_and_clip_rewards",
+    "policy_loss",
+    "ptx_loss",
+    "response_perplexity",
+    "scale_rewards",
+    "shape_rewards",
+    "value_loss",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masked statistics
+# ----------------------------------------------------------------------------------------------------
+
+
+def _bool_mask(x: Tensor, mask: Tensor) -> Tensor:
+    """Mask as a bool tensor broadcast to ``x``'s shape."""
+    return mask.to(device=x.device, dtype=torch.bool).expand_as(x)
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``x`` over entries where ``mask`` is nonzero.
+
+    x: any shape; mask: broadcastable to x. dim=None sums everything (0-dim tensor); otherwise sums
+    along ``dim``. An empty mask sums to 0 (a sum over an empty set is well defined, so no error).
+    """
+    m = _bool_mask(x, mask)
+    masked = torch.where(m, x, torch.zeros_like(x))
+    return masked.sum() if dim is None else masked.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over entries where ``mask`` is nonzero.
+
+    dim=None: 0-dim tensor; raises ValueError if the mask selects nothing (a silent 0 or NaN would hide
+    an empty batch). dim given: the mean along ``dim``; rows whose mask is empty give 0, not NaN.
+    """
+    m = _bool_mask(x, mask)
+    count = m.sum(dim) if dim is not None else m.sum()
+    if dim is None and count.item() == 0:
+        raise ValueError("masked_mean: the mask selects no elements (mask.sum() == 0); nothing to average.")
+    return masked_sum(x, m, dim) / count.clamp(min=1).to(x.dtype)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``x`` over all masked entries (0-dim tensor).
+
+    unbiased=True divides by n - 1 (like ``torch.var``) and needs n >= 2; unbiased=False divides by n.
+    Raises ValueError when there are too few masked entries.
+    """
+    m = _bool_mask(x, mask)
+    n = int(m.sum().item())
+    if n < (2 if unbiased else 1):
+        raise ValueError(
+            f"masked_var: the mask selects {n} element(s); need at least {2 if unbiased else 1} "
+            f"(unbiased={unbiased})."
+        )
+    mean = masked_mean(x, m)
+    sq_dev = masked_sum((x - mean) ** 2, m)
+    return sq_dev / (n - 1 if unbiased else n)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Whiten ``x`` with the mean and (unbiased) variance of its masked entries.
+
+    Returns (x - mean) / sqrt(var + eps) on the mask; shift_mean=False adds the mean back, so the
+    output keeps the original mean and is only rescaled. Masked-out positions of the output are 0.
+    Same shape as x.
+    """
+    m = _bool_mask(x, mask)
+    mean, var = masked_mean(x, m), masked_var(x, m)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(m, whitened, torch.zeros_like(whitened))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Log-probabilities, entropy, KL estimators
+# ----------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision log-softmax loses the small differences that PPO ratios are made of.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """Log-probability of each label under its logits: log softmax(logits)[..., label].
+
+    logits: (B, T, V); labels: (B, T) int64 -> (B, T), in at least float32. Computed as
+    logit[label] - logsumexp(logits) one row at a time, so the extra memory is (T, V) rather than a
+    full (B, T, V) log-softmax copy (same idea as TRL's ``selective_log_softmax``).
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (B, T).")
+    dtype = _compute_dtype(logits.dtype)
+    rows = []
+    for row_logits, row_labels in zip(logits, labels, strict=True):  # row_logits: (T, V)
+        row_logits = row_logits.to(dtype)
+        picked = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)  # (T,)
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the categorical given by ``logits``: H = -sum_v p_v log p_v.
+
+    logits: (B, T, V) -> (B, T), in at least float32. Rows are processed one at a time to bound memory.
+    Logits of -inf (p = 0) contribute 0.
+    """
+    dtype = _compute_dtype(logits.dtype)
+    rows = []
+    for row_logits in logits:  # (T, V)
+        logp = torch.log_softmax(row_logits.to(dtype), dim=-1)
+        # clamp turns -inf into a finite number so that 0 * log 0 gives 0 instead of NaN.
+        rows.append(-(logp.exp() * logp.clamp_min(torch.finfo(dtype).min)).sum(-1))
+    return torch.stack(rows)
+
+
+def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k1 estimator of KL(pi || pi_ref) on tokens sampled from pi: log pi(a) - log pi_ref(a).
+
+    Unbiased but can be negative per token. This is the per-token KL of PAPER.md Sec. 2 (paper Sec. 3,
+    Eq. for r_total). Any shape; returns the same shape.
+    """
+    return logp - ref_logp
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k3 estimator of KL(pi || pi_ref) on tokens sampled from pi: (r - 1) - log r with r = pi_ref/pi.
+
+    Unbiased and always >= 0 (Schulman, "Approximating KL divergence", 2020). Any shape; same shape out.
+    """
+    log_r = ref_logp - logp
+    return torch.expm1(log_r) - log_r  # expm1 keeps precision when r is close to 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rewards and advantages
+# ----------------------------------------------------------------------------------------------------
+
+
+def _last_index(mask: Tensor) -> Tensor:
+    """(B,) index of the last nonzero entry in each row of a (B, T) mask; ValueError on an empty row."""
+    m = mask.to(torch.bool)
+    if not bool(m.any(dim=1).all()):
+        raise ValueError("every row needs at least one response token (a row of the mask is all zero).")
+    positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
+    return torch.where(m, positions, -1).max(dim=1).values
+
+
+def shape_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float | None) -> Tensor:
+    """Token-level reward of PAPER.md Sec. 2 / Sec. 3 item 1 (paper Sec. 5.4, token-level KL penalty).
+
+    r_t = -kl_coef * kl_t on every response token, plus scores[b] added at the LAST response token of
+    row b (the EOS). scores: (B,); kl, mask: (B, T) -> rewards (B, T), 0 off the mask. The mask may be
+    left- or right-aligned; the score goes to the last nonzero mask position of each row. kl_coef None or
+    0 gives the bare score at the last token. ``kl`` is typically ``kl_k1(logp, ref_logp)``, detached.
+    """
+    m = _bool_mask(kl, mask)
+    if kl_coef:
+        rewards = torch.where(m, -kl_coef * kl, torch.zeros_like(kl))
+    else:
+        rewards = torch.zeros_like(kl)
+    last = _last_index(m).unsqueeze(1)  # (B, 1)
+    return rewards.scatter_add(1, last, scores.to(rewards.dtype).unsqueeze(1))
+
+
+def compute_gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation over response tokens (paper Sec. 3, PAPER.md Sec. 2).
+
+    delta_t = r_t + gamma * V_next - V_t and A_t = delta_t + gamma * lam * A_next, where "next" is the
+    next response token of the same row and V, A after a row's last response token are 0. Positions
+    with mask 0 are skipped (they pass the running V_next, A_next through untouched), so any layout
+    works: right- or left-padded, a run in the middle, even gaps.
+
+    rewards, values, mask: (B, T). Returns (advantages, returns), both (B, T) and detached (they are
+    regression / policy-gradient targets); returns = A + V on the mask; both are 0 off the mask.
+    """
+    rewards, values = rewards.detach(), values.detach()
+    m = _bool_mask(values, mask)
+    dtype = torch.promote_types(rewards.dtype, values.dtype)
+    next_value = torch.zeros(values.shape[0], dtype=dtype, device=values.device)  # (B,)
+    next_adv = torch.zeros_like(next_value)
+    advs_reversed = []
+    for t in reversed(range(values.shape[1])):  # loop over T only; every op is over the whole batch
+        m_t = m[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv_t = delta + gamma * lam * next_adv
+        advs_reversed.append(torch.where(m_t, adv_t, 0.0))
+        next_adv = torch.where(m_t, adv_t, next_adv)
+        next_value = torch.where(m_t, values[:, t].to(dtype), next_value)
+    advantages = torch.stack(advs_reversed[::-1], dim=1)
+    returns = torch.where(m, advantages + values, 0.0)
+    return advantages, returns
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------
+
+
+def policy_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate (paper Sec. 3, Eq. L^CLIP; PAPER.md Sec. 2), token mean over the mask.
+
+    loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps)), ratio = exp(logp - old).
+    All inputs (B, T); ``logp`` carries the gradient. Returns (0-dim loss, stats), stats detached:
+      clipfrac   - fraction of masked tokens where the clipped term is strictly the larger (zero grad),
+      approx_kl  - mean k3 estimate of KL(pi_old || pi): (ratio - 1) - log ratio (as in CleanRL),
+      ratio_mean - mean ratio; healthy values stay near 1.
+    """
+    m = _bool_mask(logp, mask)
+    log_ratio = torch.where(m, logp - old_logp, 0.0)  # 0 off-mask keeps exp() finite there
+    ratio = log_ratio.exp()
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.maximum(pg_unclipped, pg_clipped), m)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((pg_clipped > pg_unclipped).to(ratio.dtype), m),
+            "approx_kl": masked_mean(kl_k3(old_logp, logp), m),
+            "ratio_mean": masked_mean(ratio, m),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Critic loss, optionally clipped (value-loss clipping: paper Fig. 5 / Sec. 5.4; PAPER.md Sec. 3 item 3).
+
+    clip given: 0.5 * mean max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2); clip None:
+    0.5 * mean (V - R)^2. Means over masked tokens; all inputs (B, T); ``values`` carries the gradient.
+    Returns (0-dim loss, stats) with stats["vf_clipfrac"]: fraction of masked tokens where the clipped
+    term is strictly the larger (0 when clip is None).
+    """
+    m = _bool_mask(values, mask)
+    vf_unclipped = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * masked_mean(vf_unclipped, m), {"vf_clipfrac": torch.zeros((), device=values.device)}
+    values_clipped = old_values + (values - old_values).clamp(-clip, clip)
+    vf_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(vf_unclipped, vf_clipped), m)
+    with torch.no_grad():
+        vf_clipfrac = masked_mean((vf_clipped > vf_unclipped).to(values.dtype), m)
+    return loss, {"vf_clipfrac": vf_clipfrac}
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var[R - V] / Var[R] over masked entries: 1 is a perfect critic, 0 no better than a constant,
+    negative worse than a constant. Returns nan when Var[R] == 0. values, returns, mask: (B, T).
+    """
+    values, returns = values.detach(), returns.detach()
+    var_r = masked_var(returns, mask, unbiased=False).item()
+    if var_r == 0.0:
+        return math.nan
+    return 1.0 - masked_var(returns - values, mask, unbiased=False).item() / var_r
+
+
+# ----------------------------------------------------------------------------------------------------
+# Score reparameterization (paper Sec. 5.3.1) and other PPO-max tricks
+# ----------------------------------------------------------------------------------------------------
+
+
+class RunningMoments:
+    """Running mean and standard deviation of every value seen so far.
+
+    Each ``update`` merges one batch's (count, mean, sum of squared deviations) into the running totals
+    with the parallel algorithm of Chan, Golub and LeVeque (1979), in float64. ``std`` is the SAMPLE
+    standard deviation (ddof=1, as in MOSS-RLHF and TRL); it is 1.0 until two values have been seen, so
+    normalizing by it is harmless at the start.
+    """
+
+    def __init__(self) -> None:
+        self.count: int = 0
+        self._mean: float = 0.0
+        self._m2: float = 0.0  # sum of squared deviations from the running mean
+
+    @property
+    def mean(self) -> float:
+        return self._mean
+
+    @property
+    def var(self) -> float:
+        """Sample variance (ddof=1); 1.0 before two values have been seen."""
+        return self._m2 / (self.count - 1) if self.count > 1 else 1.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    def update(self, x: Tensor) -> None:
+        """Merge all entries of ``x`` (any shape) into the running statistics."""
+        x = x.detach().to(torch.float64).flatten()
+        n_b = x.numel()
+        if n_b == 0:
+            return
+        mean_b = x.mean().item()
+        m2_b = ((x - mean_b) ** 2).sum().item()
+        total = self.count + n_b
+        delta = mean_b - self._mean
+        self._mean += delta * n_b / total
+        self._m2 += m2_b + delta**2 * self.count * n_b / total
+        self.count = total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "mean": self._mean, "m2": self._m2}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count, self._mean, self._m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def normalize_and_clip_rewards(
+    scores: Tensor, moments: RunningMoments, clip: float | None, eps: float = 1e-8
+) -> Tensor:
+    """Reward normalization and clipping (paper Sec. 5.3.1; PAPER.md Sec. 3 item 2).
+
+    Updates ``moments`` with this batch FIRST, then returns clip((r - mean) / (std + eps), -clip, clip)
+    with the running statistics over all scores seen; clip None skips clipping. scores: (B,) -> (B,).
+    """
+    moments.update(scores)
+    normalized = (scores - moments.mean) / (moments.std + eps)
+    return normalized if clip is None else normalized.clamp(-clip, clip)
+
+
+def scale_rewards(scores: Tensor, moments: RunningMoments, eps: float = 1e-8) -> Tensor:
+    """Reward scaling (paper Sec. 5.3.1): update ``moments`` with the batch, then r / (std + eps).
+
+    No mean shift. scores: (B,) -> (B,). In the paper's Fig. 6 this variant collapses first.
+    """
+    moments.update(scores)
+    return scores / (moments.std + eps)
+
+
+def normalize_and_clip_advantages(advantages: Tensor, mask: Tensor, clip: float | None) -> Tensor:
+    """Advantage normalization and clipping (paper Sec. 5.3.1): whiten over the masked entries (mean 0,
+    std 1), then clip to [-clip, clip] (clip None: no clipping). (B, T) -> (B, T); 0 off the mask.
+    """
+    whitened = masked_whiten(advantages, mask)
+    return whitened if clip is None else whitened.clamp(-clip, clip)
+
+
+def entropy_bonus(entropy: Tensor, mask: Tensor, coef: float, target: float) -> Tensor:
+    """The paper's entropy term (paper Sec. 5.3.2; PAPER.md Sec. 3): a LOSS coef * |mean_H - target|.
+
+    Unlike the usual bonus -coef * H, which always pushes entropy up, this pulls the mean response
+    entropy toward ``target`` from either side. entropy, mask: (B, T) -> 0-dim tensor to ADD to the loss.
+    """
+    return coef * (masked_mean(entropy, mask) - target).abs()
+
+
+def ptx_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
+    """Pretraining / SFT language-model loss, PPO-max's ptx term (PAPER.md Sec. 3 item 8; paper Sec. 5.4).
+
+    Mean token cross-entropy -log p(label) over positions where ``loss_mask`` is 1 (the SFT response
+    tokens). logits: (B, T, V); labels, loss_mask: (B, T). No shifting happens here: ``logits[:, t]``
+    must already predict ``labels[:, t]``. Labels off the mask may be anything (e.g. -100). Returns a
+    0-dim tensor; the caller multiplies it by its ptx coefficient.
+    """
+    m = _bool_mask(labels, loss_mask)
+    safe_labels = torch.where(m, labels, 0)  # gather needs a valid index even where ignored
+    return -masked_mean(logprobs_from_logits(logits, safe_labels), m)
+
+
+def clip_grad_norm_global(params: Iterable[Tensor], max_norm: float) -> float:
+    """Global gradient clipping (paper Sec. 5.4; PAPER.md Sec. 3 item 6): ONE L2 norm over the gradients of all given
+    parameters (policy and critic together), all scaled by the same factor if it exceeds ``max_norm``.
+    Parameters without a gradient are skipped. Returns the total norm BEFORE clipping, as a float.
+    """
+    return float(torch.nn.utils.clip_grad_norm_(list(params), max_norm))
+
+
+def response_perplexity(logp: Tensor, mask: Tensor) -> Tensor:
+    """Standard per-sequence perplexity exp(-mean_t log p_t) over each row's response tokens.
+
+    logp, mask: (B, T) -> (B,). This is the standard definition, NOT the paper's training "perplexity"
+    (which divides the mean cross-entropy by the response length again; PAPER.md Sec. 4). Rows with no
+    response tokens give 1.0 (an empty mean is taken as 0).
+    """
+    return torch.exp(-masked_mean(logp.detach(), mask, dim=-1))

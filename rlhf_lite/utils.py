@@ -1,0 +1,102 @@
+"""Small shared helpers: seeding, JSON/JSONL output, timing, devices."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO_ROOT / "data"
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, numpy and torch; return a torch.Generator seeded the same for explicit sampling."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def set_cpu_threads() -> int:
+    """Use every core the machine offers (2 here) unless OMP_NUM_THREADS says otherwise."""
+    n = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """``requested`` if given, else CUDA when available, else the CPU."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _clean(value: Any) -> Any:
+    """Make a value JSON-safe: tensors and numpy scalars to floats, NaN and inf to None."""
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    """Write ``obj`` as indented JSON (NaN becomes null)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> dict:
+    """Read a JSON file, naming it in the error if it is missing."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found")
+    return json.loads(p.read_text())
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl: one JSON object per logged step, flushed as it goes."""
+
+    def __init__(self, path: str | Path, append: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = self.path.open("a" if append else "w")
+        self.rows: list[dict] = []
+
+    def log(self, row: dict) -> None:
+        row = _clean(row)
+        self.rows.append(row)
+        self._fh.write(json.dumps(row, sort_keys=True) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class Stopwatch:
+    """Wall-clock seconds since creation."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.start

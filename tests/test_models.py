@@ -1,0 +1,142 @@
+"""The model layer: one base hosting named adapters, in fp32 and in 4-bit on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_lite.models import AdapterStack, LoraSettings, TinyModelConfig, build_tiny_model, guard_bnb_repack, load_causal_lm
+
+LORA = LoraSettings(r=4, alpha=8)
+CFG = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_positions=64)
+
+
+def _batch(seed: int = 0, B: int = 3, T: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 50, (B, T), generator=g)
+    att = torch.ones_like(ids)
+    att[0, :3] = 0  # one left-padded row
+    ids[0, :3] = 0
+    return ids, att
+
+
+def _base(seed: int = 0):
+    return build_tiny_model(vocab_size=50, pad_id=0, eos_id=1, cfg=CFG, seed=seed)
+
+
+def _randomize_adapters(stack: AdapterStack, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in stack.peft.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for head in stack.heads.values():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g))
+
+
+def test_disabled_adapters_equal_base_logits() -> None:
+    base = _base()
+    ids, att = _batch()
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = base(input_ids=ids, attention_mask=att, position_ids=pos).logits
+    stack = AdapterStack(base, ["policy", "critic"], LORA)
+    _randomize_adapters(stack)
+    with torch.no_grad():
+        disabled = stack.logits(None, ids, att)
+        policy = stack.logits("policy", ids, att)
+    torch.testing.assert_close(disabled, ref)
+    assert (policy - ref).abs().max() > 1e-3  # the adapter really changes the model
+
+
+def test_each_loss_trains_only_its_adapter() -> None:
+    stack = AdapterStack(_base(), ["policy", "critic", "reward"], LORA)
+    _randomize_adapters(stack)
+    ids, att = _batch()
+    stack.values("critic", ids, att).sum().backward()
+    for name in ("policy", "critic", "reward"):
+        grads = [p.grad for p in stack.adapter_parameters(name)]
+        if name == "critic":
+            assert all(g is not None and g.abs().sum() > 0 for g in grads)
+        else:
+            assert all(g is None for g in grads), name
+    assert all(p.grad is None for p in stack.base_model.parameters() if not p.requires_grad)
+
+
+def test_copy_and_save_adapter_round_trip(tmp_path) -> None:
+    stack = AdapterStack(_base(), ["critic", "reward"], LORA)
+    _randomize_adapters(stack)
+    ids, att = _batch()
+    stack.copy_adapter("reward", "critic")
+    with torch.no_grad():
+        torch.testing.assert_close(stack.values("critic", ids, att), stack.values("reward", ids, att))
+    stack.save_adapter("reward", tmp_path / "rm")
+    other = AdapterStack(_base(), ["reward"], LORA)
+    other.load_adapter("reward", tmp_path / "rm")
+    with torch.no_grad():
+        torch.testing.assert_close(other.values("reward", ids, att), stack.values("reward", ids, att))
+    with pytest.raises(ValueError, match="trained with"):
+        AdapterStack(_base(), ["reward"], LoraSettings(r=8)).load_adapter("reward", tmp_path / "rm")
+
+
+def test_left_padding_does_not_change_outputs() -> None:
+    stack = AdapterStack(_base(), ["policy"], LORA)
+    _randomize_adapters(stack)
+    ids = torch.randint(3, 50, (1, 8))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)
+    att = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)], 1)
+    with torch.no_grad():
+        plain = stack.logits("policy", ids, torch.ones_like(ids))
+        left = stack.logits("policy", padded, att)[:, 4:]
+    torch.testing.assert_close(left, plain, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def four_bit_dir(tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    path = tmp_path_factory.mktemp("tiny4bit")
+    _base().save_pretrained(path)
+    return path
+
+
+def test_four_bit_lora_two_adapters_forward_backward_generate(four_bit_dir) -> None:
+    import bitsandbytes as bnb
+
+    base = load_causal_lm(four_bit_dir, quantize_4bit=True, compute_dtype=torch.float32)
+    layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers, "the base was not quantized"
+    assert all(m.support_avx512bf16_for_cpu is False for m in layers)  # the repack trap is guarded
+    stack = AdapterStack(base, ["policy", "critic"], LORA)
+    _randomize_adapters(stack)
+    ids, att = _batch()
+    # The trap: an eval-mode, no-grad forward (like generation or reference logits) first...
+    stack.eval()
+    with torch.no_grad():
+        ref = stack.logits(None, ids, att)
+        out = stack.base_model.generate(input_ids=ids[1:], attention_mask=att[1:], max_new_tokens=4,
+                                        do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 14)
+    stack.train()
+    # ... then backward: every policy LoRA matrix must still get a gradient, and no critic one.
+    logits = stack.logits("policy", ids, att)
+    (logits - ref).pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stack.adapter_parameters("policy"))
+    assert all(p.grad is None for p in stack.adapter_parameters("critic"))
+    stack.values("critic", ids, att).sum().backward()
+    assert all(p.grad is not None for p in stack.adapter_parameters("critic"))
+
+
+def test_four_bit_disabled_adapters_equal_four_bit_base(four_bit_dir) -> None:
+    base = load_causal_lm(four_bit_dir, quantize_4bit=True, compute_dtype=torch.float32)
+    ids, att = _batch()
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = base(input_ids=ids, attention_mask=att, position_ids=pos).logits
+    stack = AdapterStack(base, ["policy", "reward"], LORA)
+    _randomize_adapters(stack)
+    with torch.no_grad():
+        torch.testing.assert_close(stack.logits(None, ids, att), ref)
+
+
+def test_guard_counts_only_four_bit_layers() -> None:
+    assert guard_bnb_repack(_base()) == 0
