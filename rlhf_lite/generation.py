@@ -56,7 +56,7 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def sample(
     forward: Callable[..., torch.Tensor] | torch.nn.Module,
     input_ids: torch.Tensor,

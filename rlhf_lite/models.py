@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -155,7 +156,7 @@ class AdapterStack(nn.Module):
     Only one adapter is active per forward pass, so the policy and critic need separate passes.
     """
 
-    HEAD_BIAS = {"reward": False, "critic": True}
+    HEAD_BIAS: ClassVar[dict[str, bool]] = {"reward": False, "critic": True}  # the paper's RM head has no bias
 
     def __init__(self, base: PreTrainedModel, adapters: Sequence[str], lora: LoraSettings) -> None:
         super().__init__()

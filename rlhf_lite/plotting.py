@@ -35,3 +35,95 @@ def plot_sft(metrics_path: str | Path, out_path: str | Path | None, summary: dic
     if out_path is not None:
         plt.close(fig)
     return fig
+
+
+def plot_rm(rm_dir: str | Path, out_path: str | Path | None = None):
+    """The RM report: Fig. 2 and 3 analogues, RM against gold and length, and the exploit probe."""
+    import json
+
+    import numpy as np
+
+    rm_dir = Path(rm_dir)
+    rows = read_metrics(rm_dir / "metrics.jsonl")
+    sc = np.load(rm_dir / "test_scores.npz")
+    probe = [json.loads(line) for line in (rm_dir / "probe.jsonl").read_text().splitlines()]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    ax = axes[0, 0]
+    ax.hist(sc["margins"], bins=40, color="tab:blue", alpha=0.8)
+    ax.axvline(0, color="k", lw=1)
+    ax.set(xlabel="r(chosen) - r(rejected)", ylabel="test pairs", title="Reward margins on test pairs (Fig. 2)")
+    ax = axes[0, 1]
+    pts = [r for r in rows if "test_accuracy" in r]
+    ax.plot([r["step"] for r in pts], [r["train_accuracy"] for r in pts], marker="o", label="train")
+    ax.plot([r["step"] for r in pts], [r["test_accuracy"] for r in pts], marker="o", label="test")
+    ax.set(xlabel="optimizer step", ylabel="pairwise accuracy", title="RM accuracy over training (Fig. 3)")
+    ax.legend()
+    ax = axes[0, 2]
+    ax.plot([r["step"] for r in rows], [r["rank_loss"] for r in rows], color="tab:red", alpha=0.6)
+    ax.set(xlabel="optimizer step", ylabel="-log sigmoid(margin)", title="Ranking loss (train batches)")
+    ax = axes[1, 0]
+    ax.scatter(sc["gold"], sc["rm"], s=4, alpha=0.3)
+    ax.set(xlabel="gold score", ylabel="RM score", title="RM against the gold judge (test responses)")
+    ax = axes[1, 1]
+    jitter = np.random.default_rng(0).uniform(-0.3, 0.3, len(sc["length"]))
+    ax.scatter(sc["length"] + jitter, sc["rm"], s=4, alpha=0.3, color="tab:purple")
+    ax.set(xlabel="response length (tokens)", ylabel="RM score", title="RM against length (test responses)")
+    ax = axes[1, 2]
+    for kind, ls in (("distinct", "-"), ("repeated", "--")):
+        ks = sorted({r["fillers"] for r in probe if r["kind"] == kind or r["fillers"] == 0})
+        for key, color in (("rm", "tab:blue"), ("gold", "tab:green")):
+            ys = [np.mean([r[key] for r in probe if r["fillers"] == k and (k == 0 or r["kind"] == kind)]) for k in ks]
+            ax.plot(ks, ys, ls=ls, marker="o", color=color, label=f"{key.upper()} ({kind} fillers)")
+    ax.set(xlabel="filler phrases appended to a correct answer", ylabel="mean score",
+           title="Exploit probe: padding a correct answer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, out_path)
+    if out_path is not None:
+        plt.close(fig)
+    return fig
+
+
+PPO_PANELS = (
+    ("reward", "mean RM reward", "RM reward (proxy)"),
+    ("gold_score", "mean gold score (test prompts)", "Gold score (oracle)"),
+    ("kl_per_token", "KL(policy || ref), nats/token", "KL from the reference"),
+    ("ref_perplexity", "perplexity under the reference", "Reference perplexity of responses"),
+    ("response_length", "tokens (EOS included)", "Response length"),
+    ("repetition_fraction", "share with a repeated trigram", "Repetitive responses"),
+)
+
+
+def plot_ppo(run_dirs, out_path=None, labels=None, panels=PPO_PANELS, sft_gold: float | None = None, ncols: int = 3):
+    """The paper's monitors (Fig. 4 analogue) over iterations for one or more runs, collapse points marked."""
+    import json
+
+    run_dirs = [Path(d) for d in run_dirs]
+    labels = labels or [d.name for d in run_dirs]
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows), squeeze=False)
+    for d, label in zip(run_dirs, labels):
+        rows = read_metrics(d / "metrics.jsonl")
+        summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
+        collapse = summary.get("collapse_iteration")
+        for ax, (key, ylabel, title) in zip(axes.flat, panels):
+            pts = [(r["iteration"], r[key]) for r in rows if r.get(key) is not None and "event" not in r]
+            if not pts:
+                continue
+            line, = ax.plot(*zip(*pts), marker="o" if key == "gold_score" else None, ms=3, label=label)
+            if collapse is not None:
+                ax.axvline(collapse, color=line.get_color(), ls=":", lw=1.2)
+            ax.set(xlabel="PPO iteration", ylabel=ylabel, title=title)
+    if sft_gold is not None:
+        for ax, (key, *_rest) in zip(axes.flat, panels):
+            if key == "gold_score":
+                ax.axhline(sft_gold, color="k", ls="--", lw=1, label="SFT model")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("PPO monitors (dotted line: collapse detected)", y=1.0)
+    fig.tight_layout()
+    _save(fig, out_path)
+    if out_path is not None:
+        plt.close(fig)
+    return fig

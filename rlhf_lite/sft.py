@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from . import data as data_mod
@@ -29,7 +28,7 @@ from .batching import encode_example, pad_batch
 from .evaluation import evaluate_gold, gold_of_responses
 from .models import TinyModelConfig, build_tiny_model
 from .tokenizer import load_tokenizer
-from .utils import DATA_DIR, MetricsLog, Stopwatch, seed_everything, write_json
+from .utils import DATA_DIR, MetricsLog, Stopwatch, progress, seed_everything, write_json
 
 
 @dataclass(frozen=True)
@@ -75,8 +74,8 @@ def lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        frac = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
     return f
 
 
@@ -108,7 +107,7 @@ def _train_phase(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, steps))
     model.train()
     running = 0.0
-    bar = tqdm(range(steps), desc=phase, leave=False)
+    bar = progress(range(steps), phase)
     for step in bar:
         batch = rng.sample(examples, cfg.batch_size) if len(examples) >= cfg.batch_size else examples
         ids, att, lm = pad_batch([b[0] for b in batch], [b[1] for b in batch], pad_id)
@@ -128,14 +127,16 @@ def _train_phase(
             on_eval(phase, step0 + step + 1)
 
 
-def train_sft(out_dir: str | Path, cfg: SFTConfig = SFTConfig(), data_dir: str | Path = DATA_DIR,
-              model_cfg: TinyModelConfig = TinyModelConfig()) -> dict:
+def train_sft(out_dir: str | Path, cfg: SFTConfig | None = None, data_dir: str | Path = DATA_DIR,
+              model_cfg: TinyModelConfig | None = None) -> dict:
     """Run the tiny profile's SFT stage end to end; write model, metrics, plots and summary.json.
 
     Writes ``out_dir/model`` (the SFT model and tokenizer, the base for later stages),
     ``out_dir/pretrained`` (the LM-pretrained model before SFT), ``metrics.jsonl``, ``summary.json``
     and ``sft_curves.png``. Returns the summary.
     """
+    cfg = cfg or SFTConfig()
+    model_cfg = model_cfg or TinyModelConfig()
     cfg.validate()
     timer = Stopwatch()
     out = Path(out_dir)

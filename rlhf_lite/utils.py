@@ -100,3 +100,12 @@ class Stopwatch:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.start
+
+
+def progress(iterable, desc: str, **kwargs):
+    """A tqdm progress bar, off when RLHF_LITE_PROGRESS=0 (the committed notebooks set it, to keep their
+    stored outputs short)."""
+    from tqdm.auto import tqdm
+
+    disable = os.environ.get("RLHF_LITE_PROGRESS", "1") == "0"
+    return tqdm(iterable, desc=desc, leave=False, disable=disable, dynamic_ncols=True, **kwargs)

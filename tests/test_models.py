@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_lite.models import AdapterStack, LoraSettings, TinyModelConfig, build_tiny_model, guard_bnb_repack, load_causal_lm
+from rlhf_lite.models import (
+    AdapterStack,
+    LoraSettings,
+    TinyModelConfig,
+    build_tiny_model,
+    guard_bnb_repack,
+    load_causal_lm,
+)
 
 LORA = LoraSettings(r=4, alpha=8)
 CFG = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_positions=64)

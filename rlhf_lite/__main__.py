@@ -1,0 +1,5 @@
+"""Entry point of ``python -m rlhf_lite``."""
+
+from .cli import main
+
+main()

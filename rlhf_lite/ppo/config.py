@@ -1,0 +1,220 @@
+"""PPO settings: one dataclass, and the presets as data (PAPER.md Sec. 2-3).
+
+Every trick of the paper is one field. An optional trick with a value is ``float | None`` (None: off);
+a choice between variants is a string. A preset is a named ``PPOConfig``; presets differ from their
+parent only in the fields listed in their description, which a test checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class CollapseBands:
+    """The paper's warning signs (Sec. 5.1, Fig. 4): a run has collapsed when a monitor leaves its band.
+
+    Bands are relative to the first ``baseline_iterations`` iterations (the SFT policy's behaviour).
+    """
+
+    baseline_iterations: int = 3
+    """Iterations averaged to fix the baseline of length and perplexity."""
+    length_ratio: float = 1.6
+    """Flag when mean response length exceeds this multiple of its baseline."""
+    kl_max: float = 0.5
+    """Flag when KL(policy || reference) per response token exceeds this many nats."""
+    ref_perplexity_ratio: float = 3.0
+    """Flag when the reference model's perplexity of the responses exceeds this multiple of its baseline."""
+    gold_drop: float = 0.25
+    """Flag when the gold score has fallen this far below its peak while the RM reward has risen
+    at least ``reward_rise`` above its value at that peak."""
+    reward_rise: float = 0.25
+    """See ``gold_drop``."""
+    patience: int = 2
+    """Consecutive iterations outside a band before the flag is raised."""
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Settings of one PPO run. Defaults are the tiny profile's vanilla PPO."""
+
+    # --- budget and sampling (Sec. 2) ---
+    iterations: int = 80
+    """PPO iterations (rollout, then updates)."""
+    rollout_batch: int = 64
+    """Prompts sampled per iteration: the experience buffer (PPO-max #7: keep it small)."""
+    minibatch_size: int = 32
+    """Rollouts per gradient step; must divide rollout_batch."""
+    ppo_epochs: int = 2
+    """Passes over each buffer."""
+    max_new_tokens: int = 24
+    """Response budget (the length cap of the collapse plots)."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts (log-probs use the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling of rollouts (1.0: off)."""
+    # --- optimization ---
+    policy_lr: float = 1e-3
+    """Adam learning rate of the policy adapter."""
+    critic_lr: float = 1e-3
+    """Adam learning rate of the critic adapter and value head."""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas (as in the paper's scripts)."""
+    # --- PPO core (Sec. 3, PPO-max #9) ---
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """lambda of GAE."""
+    clip_eps: float = 0.2
+    """Clip range of the surrogate objective."""
+    # --- score reparameterization (Sec. 5.3.1, Fig. 6) ---
+    reward_norm_clip: float | None = None
+    """PPO-max #2: normalize RM scores with running mean/std over all scores seen, then clip to +-d."""
+    reward_scaling: bool = False
+    """Divide RM scores by their running std only (the variant that collapses first in Fig. 6)."""
+    adv_norm_clip: float | None = None
+    """Whiten advantages per buffer, then clip to +-d (Fig. 6's advantage normalization)."""
+    # --- policy constraints (Sec. 5.3.2, Fig. 7) ---
+    kl_coef: float | None = None
+    """PPO-max #1: eta of the token-level KL penalty -eta * (log pi - log pi_ref) in the reward."""
+    entropy_coef: float | None = None
+    """Entropy bonus in the paper's form: loss += coef * |mean entropy - entropy_target|."""
+    entropy_target: float = 1.0
+    """Target entropy (nats per token) of the entropy bonus."""
+    old_policy: str = "rollout"
+    """"rollout": the usual PPO ratio; "reference": the "importance sampling" variant, where the
+    ratio's old policy is the reference model."""
+    # --- value function and gradients (Sec. 5.3, 5.4) ---
+    value_clip: float | None = None
+    """PPO-max #3: clip the new values to old +- c in the value loss."""
+    max_grad_norm: float | None = None
+    """PPO-max #6: one global gradient-norm clip over the policy and critic parameters."""
+    ptx_coef: float | None = None
+    """PPO-max #8: lambda of the pretraining (LM) loss on SFT demonstrations added to the policy loss."""
+    # --- initialization (Sec. 5.3.3, Fig. 8) ---
+    critic_init: str = "sft"
+    """"sft": critic adapter and head start fresh on the SFT base; "rm": PPO-max #4, the critic
+    starts as the reward model."""
+    critic_pretrain_iterations: int = 0
+    """PPO-max #5: iterations at the start in which only the critic trains (not in the paper's code)."""
+    policy_init: str = "sft"
+    """"sft" or "pretrained": the base (policy and reference) is the LM-pretrained model before SFT."""
+    # --- monitoring ---
+    gold_every: int = 5
+    """Iterations between gold-score measurements on the test prompts (the common measurement)."""
+    sample_every: int = 10
+    """Iterations between sample tables in the log."""
+    checkpoint_every: int = 20
+    """Iterations between checkpoints (0: only at the end)."""
+    collapse: CollapseBands = CollapseBands()
+    """Bands of the pattern-collapse detector."""
+    seed: int = 0
+    """Seed of prompt order and sampling."""
+
+    def validate(self, context_length: int | None = None) -> None:
+        """Fail before any training on impossible settings, naming the field."""
+        positive = ("iterations", "rollout_batch", "minibatch_size", "ppo_epochs", "max_new_tokens", "gold_every",
+                    "sample_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"PPOConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("policy_lr", "critic_lr", "clip_eps", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("reward_norm_clip", "adv_norm_clip", "value_clip", "max_grad_norm", "kl_coef",
+                     "entropy_coef", "ptx_coef"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"PPOConfig.{name} must be > 0 or None (off), got {v}")
+        if self.rollout_batch % self.minibatch_size:
+            raise ValueError(f"PPOConfig.rollout_batch ({self.rollout_batch}) must be divisible by "
+                             f"minibatch_size ({self.minibatch_size})")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"PPOConfig.top_p must be in (0, 1], got {self.top_p}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError("PPOConfig.gamma and lam must lie in [0, 1]")
+        if self.reward_scaling and self.reward_norm_clip is not None:
+            raise ValueError("PPOConfig: reward_scaling and reward_norm_clip are alternatives; set one")
+        choices = {"old_policy": ("rollout", "reference"), "critic_init": ("sft", "rm"),
+                   "policy_init": ("sft", "pretrained")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"PPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.critic_pretrain_iterations < 0 or self.critic_pretrain_iterations >= self.iterations:
+            raise ValueError("PPOConfig.critic_pretrain_iterations must be in [0, iterations)")
+        if self.checkpoint_every < 0:
+            raise ValueError("PPOConfig.checkpoint_every must be >= 0")
+        if context_length is not None and self.max_new_tokens >= context_length:
+            raise ValueError(f"PPOConfig.max_new_tokens ({self.max_new_tokens}) must be below the model's "
+                             f"context length ({context_length})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----- presets as data ----------------------------------------------------------------------------
+VANILLA = PPOConfig()
+"""Plain PPO: GAE, clipped surrogate, unclipped value loss, critic from the SFT model; no KL penalty, no
+reward or advantage normalization, no value or gradient clipping. It is the paper's "vanilla PPO" of
+Fig. 4: the RLHF loop with nothing that holds the policy near the reference, so the RM can be
+over-optimized freely."""
+
+PPO_MAX = replace(
+    VANILLA,
+    kl_coef=0.2, reward_norm_clip=0.8, value_clip=0.2, critic_init="rm", critic_pretrain_iterations=5,
+    max_grad_norm=1.0, ptx_coef=0.5,
+)
+"""PPO-max (Sec. 5.4): KL penalty, reward normalization and clipping, value clipping, critic from the RM,
+critic pretraining, global gradient clipping and the ptx loss, on the same small buffer."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration, its parent, the fields it changes and what it shows."""
+
+    name: str
+    parent: str
+    changes: dict
+    description: str
+
+    def config(self) -> PPOConfig:
+        base = VANILLA if self.parent == "vanilla" else PRESETS[self.parent].config()
+        return replace(base, **self.changes)
+
+
+def _p(name: str, parent: str, description: str, **changes) -> Preset:
+    return Preset(name=name, parent=parent, changes=changes, description=description)
+
+
+_PPO_MAX_CHANGES = {f.name: getattr(PPO_MAX, f.name) for f in fields(PPOConfig)
+                    if getattr(PPO_MAX, f.name) != getattr(VANILLA, f.name)}
+
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    _p("vanilla", "vanilla", "plain PPO; the RM is free to be over-optimized (Fig. 4)"),
+    _p("ppo_max", "vanilla", "the paper's PPO-max recipe (Sec. 5.4, Fig. 9)", **_PPO_MAX_CHANGES),
+    # Fig. 6: score reparameterization, each on top of vanilla PPO
+    _p("reward_scale", "vanilla", "Fig. 6: reward scaling, divide by running std", reward_scaling=True),
+    _p("reward_norm_0.3", "vanilla", "Fig. 6: reward normalize and clip, d = 0.3", reward_norm_clip=0.3),
+    _p("reward_norm_0.8", "vanilla", "Fig. 6: reward normalize and clip, d = 0.8", reward_norm_clip=0.8),
+    _p("adv_norm_0.5", "vanilla", "Fig. 6: advantage whiten and clip, d = 0.5", adv_norm_clip=0.5),
+    _p("adv_norm_0.12", "vanilla", "Fig. 6: advantage whiten and clip, d = 0.12", adv_norm_clip=0.12),
+    # Fig. 7: policy constraints, on top of vanilla PPO
+    _p("kl_penalty", "vanilla", "Fig. 7: token-level KL penalty, eta = 0.2", kl_coef=0.2),
+    _p("entropy_bonus", "vanilla", "Fig. 7: entropy bonus |H - target|, coef 0.05", entropy_coef=0.05),
+    _p("importance_sampling", "vanilla", "Fig. 7: old policy fixed to the reference", old_policy="reference"),
+    _p("kl_and_is", "vanilla", "Fig. 7: KL penalty plus importance sampling", kl_coef=0.2, old_policy="reference"),
+    # Fig. 8: initialization, on top of PPO-max (policy from pretrained, critic from SFT) or vanilla
+    _p("policy_from_pretrained", "ppo_max", "Fig. 8: PPO-max with the policy (and reference) from the "
+       "pretrained, non-SFT model", policy_init="pretrained"),
+    _p("critic_from_sft", "ppo_max", "Fig. 8: PPO-max with the critic from the SFT model and a fresh head",
+       critic_init="sft"),
+    _p("critic_pretrain", "vanilla", "Fig. 8: vanilla PPO plus critic pretraining (5 iterations)",
+       critic_pretrain_iterations=5),
+]}
+
+
+def get_preset(name: str) -> PPOConfig:
+    """The PPOConfig of preset ``name`` (ValueError listing the presets if unknown)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name].config()

@@ -1,0 +1,37 @@
+"""Shared fixtures: small random models built offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+from rlhf_lite.models import AdapterStack, LoraSettings, TinyModelConfig, build_tiny_model
+
+SMALL = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_positions=64)
+SMALL_LORA = LoraSettings(r=4, alpha=8)
+VOCAB, PAD, EOS = 40, 0, 1
+
+
+def make_stack(adapters=("policy", "critic", "reward"), seed: int = 0, randomize: bool = True) -> AdapterStack:
+    """A 2-layer Llama with the named adapters; adapters and heads randomized so they matter."""
+    base = build_tiny_model(VOCAB, PAD, EOS, SMALL, seed)
+    stack = AdapterStack(base, list(adapters), SMALL_LORA)
+    if randomize:
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for n, p in stack.peft.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            for head in stack.heads.values():
+                head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.3)
+    return stack.eval()
+
+
+@pytest.fixture
+def stack() -> AdapterStack:
+    return make_stack()
