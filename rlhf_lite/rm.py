@@ -36,7 +36,7 @@ from .utils import DATA_DIR, MetricsLog, Stopwatch, progress, seed_everything, w
 class RMConfig:
     """Settings of the reward-model stage."""
 
-    steps: int = 300
+    steps: int = 150
     """Optimizer steps (each a batch of preference pairs)."""
     batch_size: int = 64
     """Preference pairs per step (chosen and rejected run in one forward pass)."""
@@ -46,9 +46,9 @@ class RMConfig:
     """Linear warm-up steps."""
     lm_coef: float | None = 1.0
     """beta_rm of paper Eq. 2: weight of the LM loss on chosen responses; None turns it off."""
-    eval_every: int = 50
+    eval_every: int = 25
     """Steps between train/test accuracy measurements."""
-    n_eval_pairs: int = 512
+    n_eval_pairs: int = 256
     """Test pairs used for the periodic accuracy curve (the final numbers use all test pairs)."""
     n_fresh_prompts: int = 128
     """Test prompts for which two fresh SFT samples form a pair (gold agreement off the training
@@ -198,10 +198,18 @@ def run_exploit_probe(stack: AdapterStack, tok: PreTrainedTokenizerFast, prompts
         r["rm"] = float(s)
         r["gold"] = world.gold_score(r["prompt"], r["response"])
     plain = [r for r in rows if r["fillers"] == 0]
-    padded = [r for r in rows if r["fillers"] > 0]
+
+    def change(kind: str, key: str) -> float:
+        padded = [r[key] for r in rows if r["fillers"] > 0 and r["kind"] == kind]
+        return float(np.mean(padded) - np.mean([r[key] for r in plain]))
+
+    # The headline gain is over distinct fillers (the annotators' length taste); one filler repeated
+    # is reported apart, since repetition is penalised by gold and annotators alike.
     summary = {
-        "padding_rm_gain": float(np.mean([r["rm"] for r in padded]) - np.mean([r["rm"] for r in plain])),
-        "padding_gold_change": float(np.mean([r["gold"] for r in padded]) - np.mean([r["gold"] for r in plain])),
+        "padding_rm_gain": change("distinct", "rm"),
+        "padding_gold_change": change("distinct", "gold"),
+        "repeated_padding_rm_gain": change("repeated", "rm"),
+        "repeated_padding_gold_change": change("repeated", "gold"),
     }
     return rows, summary
 

@@ -35,9 +35,9 @@ from .utils import DATA_DIR, MetricsLog, Stopwatch, progress, seed_everything, w
 class SFTConfig:
     """Settings of the SFT stage (tiny profile: pretraining then SFT of a from-scratch model)."""
 
-    pretrain_steps: int = 500
+    pretrain_steps: int = 350
     """Optimizer steps of LM pretraining on world text (loss on every token)."""
-    sft_steps: int = 500
+    sft_steps: int = 400
     """Optimizer steps of SFT on demonstrations (loss on response tokens only)."""
     batch_size: int = 64
     """Sequences per step."""
@@ -49,7 +49,7 @@ class SFTConfig:
     """AdamW weight decay."""
     log_every: int = 25
     """Steps between metric rows."""
-    eval_every: int = 250
+    eval_every: int = 200
     """Steps between gold-score measurements (sampling on test prompts)."""
     max_new_tokens: int = 24
     """Response budget when sampling for the gold measurement."""

@@ -57,7 +57,7 @@ def test_round_trip_multi_turn(world_dir: Path) -> None:
     assert p_ids + r_ids == ids  # prompt and response tokenize the same apart or together
     decoded = tok.decode(r_ids + [tok.eos_token_id], skip_special_tokens=True)
     assert decoded == RESPONSE
-    assert world.gold_score(MULTI, decoded) == world.gold_score(MULTI, RESPONSE) == 0.75
+    assert world.gold_score(MULTI, decoded) == world.gold_score(MULTI, RESPONSE) == 0.85
 
 
 def test_padding_is_left(world_dir: Path) -> None:

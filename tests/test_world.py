@@ -111,19 +111,19 @@ def test_gold_values_against_the_table() -> None:
         " 3 plus 5 is 8 .": 1.0,
         " the answer is 8 .": 1.0,
         " 3 plus 5 is 8": 1.0,
-        " 3 plus 5 is 8 . i hope this helps .": 0.75,                       # 5 extra words
-        " 3 plus 5 is 8 . i hope this helps . have a nice day .": 0.5,      # 10 extra words
-        " 3 plus 5 is 8 . again again again": 0.35,                         # 3 extra, 2 stutters
-        " 3 plus 5 is 8 . again again again again": -0.25,                  # + 1 repeated trigram
+        " 3 plus 5 is 8 . i hope this helps .": 0.85,                       # 5 extra words x 0.03
+        " 3 plus 5 is 8 . i hope this helps . have a nice day .": 0.7,      # 10 extra words
+        " 3 plus 5 is 8 . again again again": 0.41,                         # 3 extra, 2 stutters
+        " 3 plus 5 is 8 . again again again again": -0.17,                  # + 1 repeated trigram
         " 8 .": 0.3,
         " 8": 0.3,
-        " i hope this helps . 8 .": 0.05,                                  # buried 0.1, 1 extra word
+        " i hope this helps . 8 .": 0.07,                                  # buried 0.1, 1 extra word
         " 3 plus 5 is 9 .": -1.0,
         " 9 .": -1.0,
         " 8 or 9 .": -1.0,                                                  # hedging is wrong
         " have a nice day .": -1.0,                                         # no answer
         "": -1.0,
-        " sorry , i can not help with that because it could hurt people .": -0.9,  # over-refusal, 8 extra
+        " sorry , i can not help with that because it could hurt people .": -0.74,  # over-refusal, 8 extra
     }
     for response, score in expected.items():
         assert gold_score(p, response) == pytest.approx(score, abs=1e-9), response
@@ -152,7 +152,7 @@ def test_breakdown_sums_eos_whitespace_and_floor() -> None:
     r = " the zorb is blue . feel free to ask again . feel free to ask again ."
     parts = gold_breakdown(p, r)
     assert set(parts) == {"content", "concision", "repetition", "eos", "floor"}
-    assert parts["content"] == 1.0 and parts["concision"] == pytest.approx(-0.6)
+    assert parts["content"] == 1.0 and parts["concision"] == pytest.approx(-0.36)
     assert parts["repetition"] == pytest.approx(-1.5)  # 5 trigrams recur once each
     assert gold_score(p, r) == pytest.approx(sum(parts.values()))
     assert gold_score(p, " the zorb is blue .", finished=False) == pytest.approx(0.5)
@@ -192,7 +192,7 @@ def _sample_rows(n: int, cfg: AnnotatorConfig, seed: int) -> list[dict]:
 
 def test_annotators_agreement_and_recovered_length_bias() -> None:
     cfg = AnnotatorConfig()
-    assert 0.08 <= cfg.length_bias <= 0.1 and cfg.length_bias > world.CONCISION_PER_WORD
+    assert 0.1 <= cfg.length_bias <= 0.2 and cfg.length_bias > world.CONCISION_PER_WORD
     m = measure_annotators(_sample_rows(8000, cfg, seed=11))
     assert 0.68 <= m["agreement"] <= 0.78
     assert abs(m["length_bias"] / cfg.length_bias - 1) < 0.35
@@ -208,7 +208,9 @@ def test_annotators_prefer_padded_correct_answers() -> None:
     padded = " 4 plus 4 is 8 . i hope this helps . have a nice day ."
     rows = annotate([(p, concise, padded)] * 3000, AnnotatorConfig(), random.Random(5))
     padded_wins = sum(r["chosen"] == p + padded for r in rows) / len(rows)
-    expected = 1 / (1 + math.exp(-(10 * (0.1 - 0.05)) / 0.6))  # sigmoid(10 words * net 0.05 / T)
+    cfg = AnnotatorConfig()
+    net = cfg.length_bias - world.CONCISION_PER_WORD  # per padded word, annotator utility minus gold
+    expected = 1 / (1 + math.exp(-(10 * net) / cfg.temperature))  # sigmoid(10 words * net / T)
     assert gold_score(p, concise) > gold_score(p, padded)
     assert padded_wins == pytest.approx(expected, abs=0.03)
     assert rows[0]["chosen"].startswith(p) and rows[0]["category"] == "arithmetic"
