@@ -2,38 +2,83 @@
 
 Every stage writes into its ``--out`` folder: ``metrics.jsonl`` (one JSON object per logged step),
 ``summary.json``, PNG plots, and its model or adapters. Settings come from the stage's config dataclass
-of the chosen ``--profile``; ``--set field=value`` overrides single fields.
+of the chosen ``--profile``; ``--set field=value`` overrides single fields. ``ppo --resume DIR`` continues
+an interrupted run from ``DIR/checkpoint``.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import sys
-from dataclasses import fields, replace
+import types
+import typing
+from dataclasses import replace
+from pathlib import Path
 
 from .utils import DATA_DIR, set_cpu_threads
 
 
+def _coerce(value, hint, where: str):
+    """``value`` (a Python literal) as type ``hint``: ints widen to float, lists become tuples; a value of
+    another type is a SystemExit naming ``where``, the expected and the given type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arm, where)
+            except SystemExit:
+                pass
+    elif origin is tuple and isinstance(value, (list, tuple)):
+        arms = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(arms) == len(value):
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, arms)))
+    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    name = hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
+    raise SystemExit(f"--set {where}={value!r}: expected {name}, got {type(value).__name__}")
+
+
+def _replace_fields(cfg, changes: dict, where: str):
+    """``replace(cfg, **changes)`` with every value checked against its field's type annotation."""
+    hints = typing.get_type_hints(type(cfg))
+    unknown = sorted(set(changes) - set(hints))
+    if unknown:
+        raise SystemExit(f"--set: {where or type(cfg).__name__} has no field {unknown[0]!r}; fields: "
+                         f"{', '.join(sorted(hints))}")
+
+    def convert(name: str, value):
+        at = f"{where}.{name}" if where else name
+        current = getattr(cfg, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):  # --set collapse={'patience': 3}
+            return _replace_fields(current, value, at)
+        return _coerce(value, hints[name], at)
+
+    return replace(cfg, **{k: convert(k, v) for k, v in changes.items()})
+
+
 def _parse_overrides(cfg, items: list[str] | None):
-    """Apply ``--set name=value`` pairs to a frozen dataclass, with a clear error on unknown names."""
+    """Apply ``--set name=value`` pairs to a frozen dataclass, with a clear error on unknown names and on values
+    of the wrong type (``--set policy_lr=abc``)."""
     if not items:
         return cfg
-    known = {f.name for f in fields(cfg)}
     changes = {}
     for item in items:
         if "=" not in item:
             raise SystemExit(f"--set expects name=value, got {item!r}")
         name, raw = item.split("=", 1)
-        if name not in known:
-            raise SystemExit(f"--set: {type(cfg).__name__} has no field {name!r}; fields: {', '.join(sorted(known))}")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw  # a bare word such as rm or reference
         changes[name] = value
-    return replace(cfg, **changes)
+    return _replace_fields(cfg, changes, "")
 
 
 def _profile_check(profile: str) -> None:
@@ -80,6 +125,10 @@ def cmd_ppo(args: argparse.Namespace) -> None:
         for name, p in PRESETS.items():
             print(f"{name:<{width}}  {p.description}")
         return
+    if args.resume:  # the run's own folder: its checkpoint, metrics and final files
+        if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise SystemExit(f"--resume {args.resume} continues the run in that folder; drop --out {args.out}")
+        args.out = args.resume
     missing = [n for n in ("sft", "rm", "out") if getattr(args, n) is None]
     if missing:
         raise SystemExit(f"ppo needs --{' --'.join(missing)}")
@@ -89,7 +138,12 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     cfg = _parse_overrides(cfg, args.set)
     from .ppo.trainer import run_ppo
 
-    s = run_ppo(args.out, args.sft, args.rm, cfg, preset=args.preset, data_dir=args.data)
+    s = run_ppo(args.out, args.sft, args.rm, cfg, preset=args.preset, data_dir=args.data,
+                resume=bool(args.resume))
+    if s["interrupted"]:
+        print(f"PPO {args.preset} stopped at iteration {s['iterations']}; continue with "
+              f"`python -m rlhf_lite ppo --resume {args.out}` and the same --sft, --rm, --preset, --seed and --set")
+        return
     flag = f"collapse at iteration {s['collapse_iteration']}" if s["collapse_detected"] else "no collapse"
     print(f"PPO {args.preset} done in {s['wall_seconds']:.0f}s: reward {s['initial_reward']:.2f} -> "
           f"{s['final_reward']:.2f}, gold {s['initial_gold_score']:.3f} -> {s['final_gold_score']:.3f} "
@@ -135,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft", help="folder written by the sft stage")
     p.add_argument("--rm", help="folder written by the rm stage")
     p.add_argument("--iterations", type=int, help="override the preset's iteration count")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR (an earlier --out) from DIR/checkpoint, appending to "
+                        "DIR/metrics.jsonl; give the same --sft, --rm, --preset, --seed and --set as that run "
+                        "(--iterations may be raised to extend it)")
     p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("pipeline", help="data check, SFT, RM, vanilla PPO and PPO-max, with a report")
@@ -150,9 +208,16 @@ def main(argv: list[str] | None = None) -> None:
     set_cpu_threads()
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError) as e:  # bad input (data.DataError is a ValueError): one line
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    except RuntimeError as e:
+        from .ppo.trainer import NonFiniteError  # imported only here: it pulls in torch and transformers
+
+        if not isinstance(e, NonFiniteError):
+            raise
+        print(f"error: {e}", file=sys.stderr)  # the message names the checkpoint to resume from
+        raise SystemExit(1) from e
 
 
 if __name__ == "__main__":

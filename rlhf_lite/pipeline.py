@@ -118,3 +118,40 @@ def write_report(out: Path, summary: dict) -> None:
         "",
     ]
     (out / "report.md").write_text("\n".join(lines))
+
+
+def sweep_row(preset: str, seed: int, s: dict) -> dict:
+    """The facts of one PPO run that the seed and ablation tables show."""
+    return {
+        "preset": preset, "seed": seed,
+        "initial_gold_score": s["initial_gold_score"], "peak_gold_score": s["peak_gold_score"],
+        "final_gold_score": s["final_gold_score"], "initial_reward": s["initial_reward"],
+        "final_reward": s["final_reward"], "final_kl": s["final_kl"],
+        "final_response_length": s["final_response_length"], "collapse_detected": s["collapse_detected"],
+        "collapse_iteration": s["collapse_iteration"], "wall_seconds": s["wall_seconds"],
+    }
+
+
+def run_sweep(out_dir: str | Path, sft_dir: str | Path, rm_dir: str | Path, presets: list[str], seeds: list[int],
+              iterations: int | None = None, data_dir: str | Path = DATA_DIR, reuse: bool = True) -> list[dict]:
+    """Run each preset with each seed on the same SFT model and RM; writes ``out_dir/sweep.json``.
+
+    Only the PPO seed changes (prompt order and sampling): the SFT model and the RM are shared, so the
+    spread across seeds is PPO's own.
+    """
+    from .ppo.trainer import run_ppo
+
+    out = Path(out_dir)
+    cfgs = {(p, s): replace(get_preset(p), seed=s, **({"iterations": iterations} if iterations else {}))
+            for p in presets for s in seeds}
+    for cfg in cfgs.values():
+        cfg.validate()
+    rows = []
+    for (preset, seed), cfg in cfgs.items():
+        run_dir = out / f"{preset}_seed{seed}"
+        s = _stage(run_dir, reuse, lambda d=run_dir, c=cfg, p=preset: run_ppo(d, sft_dir, rm_dir, c, p, data_dir))
+        rows.append(sweep_row(preset, seed, s))
+        print(f"{preset} seed {seed}: gold {s['initial_gold_score']:.3f} -> {s['final_gold_score']:.3f}, "
+              f"collapse {s['collapse_detected']}")
+    write_json(out / "sweep.json", {"sft": str(sft_dir), "rm": str(rm_dir), "rows": rows})
+    return rows

@@ -127,3 +127,29 @@ def plot_ppo(run_dirs, out_path=None, labels=None, panels=PPO_PANELS, sft_gold: 
     if out_path is not None:
         plt.close(fig)
     return fig
+
+
+def plot_overoptimization(run_dirs, out_path=None, labels=None):
+    """Gold score and RM reward against KL(policy || reference) per sequence: the over-optimization
+    picture that only a gold judge allows (the RM keeps paying while the true quality turns down)."""
+    run_dirs = [Path(d) for d in run_dirs]
+    labels = labels or [d.name for d in run_dirs]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for d, label in zip(run_dirs, labels):
+        rows = [r for r in read_metrics(d / "metrics.jsonl") if "kl_per_sequence" in r]
+        kl = [r["kl_per_sequence"] for r in rows]
+        line, = ax1.plot(kl, [r["reward"] for r in rows], ".", alpha=0.5, label=label)
+        gold = [(r["kl_per_sequence"], r["gold_score"]) for r in rows if r.get("gold_score") is not None]
+        if gold:
+            ax2.plot(*zip(*gold), "o-", color=line.get_color(), label=label)
+    ax1.set(xlabel="KL(policy || reference) per response (nats)", ylabel="mean RM reward",
+            title="The proxy: RM reward against KL")
+    ax2.set(xlabel="KL(policy || reference) per response (nats)", ylabel="mean gold score (test prompts)",
+            title="The truth: gold score against KL")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, out_path)
+    if out_path is not None:
+        plt.close(fig)
+    return fig

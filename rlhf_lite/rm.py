@@ -28,7 +28,7 @@ from .batching import encode_example, last_token_index, pad_batch
 from .evaluation import EVAL_SEED, rollout_in_batches
 from .models import AdapterStack, LoraSettings
 from .ppo.core import ptx_loss
-from .sft import load_sft_model
+from .sft import load_sft_model, model_fingerprint
 from .utils import DATA_DIR, MetricsLog, Stopwatch, progress, seed_everything, write_json
 
 
@@ -240,6 +240,7 @@ def train_rm(out_dir: str | Path, sft_dir: str | Path, cfg: RMConfig | None = No
     train_pairs = data_mod.load_preference_pairs(data_dir / "prefs_train.jsonl")
     test_pairs = data_mod.load_preference_pairs(data_dir / "prefs_test.jsonl")
     test_prompts = [r["prompt"] for r in data_mod.load_prompts(data_dir / "prompts_test.jsonl")]
+    sft_model = model_fingerprint(sft_dir)  # PPO checks that it loads this RM onto the same SFT model
 
     seed_everything(cfg.seed)
     stack, tok = build_rm_stack(sft_dir, cfg.lora)
@@ -312,6 +313,7 @@ def train_rm(out_dir: str | Path, sft_dir: str | Path, cfg: RMConfig | None = No
     summary = {
         "stage": "rm",
         "config": asdict(cfg),
+        "sft_model": sft_model,
         "test_accuracy": test_acc,
         "gold_agreement": gold_agree,
         "annotator_gold_agreement": annot_agree,

@@ -13,6 +13,7 @@ base that later stages put adapters on, so that disabling the adapters gives the
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Sequence
@@ -208,3 +209,17 @@ def load_sft_model(sft_dir: str | Path, which: str = "model") -> tuple[PreTraine
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no model: run `python -m rlhf_lite sft --out {sft_dir}` first")
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), load_tokenizer(path / "tokenizer.json")
+
+
+def model_fingerprint(sft_dir: str | Path, which: str = "model") -> dict[str, str]:
+    """Identity of a model written by train_sft: its absolute folder and the sha256 (16 hex digits) of its
+    weights. The RM stage records it, so PPO can refuse an RM trained on another SFT model."""
+    path = (Path(sft_dir) / which).resolve()
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} not found: run `python -m rlhf_lite sft --out {sft_dir}` first")
+    digest = hashlib.sha256()
+    with weights.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"path": str(path), "sha256": digest.hexdigest()[:16]}

@@ -674,8 +674,12 @@ def sample_pair(rng: random.Random, split: str = "train") -> tuple[str, str, str
 
 
 def sample_sft_response(task: Task, rng: random.Random) -> tuple[str, str]:
-    """One SFT demonstration: (quality, response); ideal 80 %, one filler 12 %, wrong 4 %, bare 4 %."""
-    quality = rng.choices(("ideal", "filler", "wrong", "bare"), (0.8, 0.12, 0.04, 0.04))[0]
+    """One SFT demonstration: (quality, response); ideal 66 %, one filler 10 %, wrong 6 %, bare 18 %.
+
+    Terse "bare" answers are the most common imperfection, as in real demonstration data: the SFT model
+    inherits them, and a reward model that prefers full answers gives PPO something real to fix.
+    """
+    quality = rng.choices(("ideal", "filler", "wrong", "bare"), (0.66, 0.10, 0.06, 0.18))[0]
     frame = 0 if rng.random() < 0.85 else rng.randrange(len(task.frames))
     full = list(task.render(task.answer, frame))
     if quality == "ideal":

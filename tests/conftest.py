@@ -8,18 +8,21 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
 
 from rlhf_lite.models import AdapterStack, LoraSettings, TinyModelConfig, build_tiny_model
+from rlhf_lite.utils import set_cpu_threads
+
+set_cpu_threads()  # OMP_NUM_THREADS if set: two threads on a busy two-core machine run ~50x slower
 
 SMALL = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_positions=64)
 SMALL_LORA = LoraSettings(r=4, alpha=8)
 VOCAB, PAD, EOS = 40, 0, 1
 
 
-def make_stack(adapters=("policy", "critic", "reward"), seed: int = 0, randomize: bool = True) -> AdapterStack:
+def make_stack(adapters=("policy", "critic", "reward"), seed: int = 0, randomize: bool = True,
+               vocab: int = VOCAB) -> AdapterStack:
     """A 2-layer Llama with the named adapters; adapters and heads randomized so they matter."""
-    base = build_tiny_model(VOCAB, PAD, EOS, SMALL, seed)
+    base = build_tiny_model(vocab, PAD, EOS, SMALL, seed)
     stack = AdapterStack(base, list(adapters), SMALL_LORA)
     if randomize:
         g = torch.Generator().manual_seed(seed + 1)

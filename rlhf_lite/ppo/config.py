@@ -39,7 +39,7 @@ class PPOConfig:
     """Settings of one PPO run. Defaults are the tiny profile's vanilla PPO."""
 
     # --- budget and sampling (Sec. 2) ---
-    iterations: int = 80
+    iterations: int = 60
     """PPO iterations (rollout, then updates)."""
     rollout_batch: int = 64
     """Prompts sampled per iteration: the experience buffer (PPO-max #7: keep it small)."""
@@ -100,12 +100,15 @@ class PPOConfig:
     policy_init: str = "sft"
     """"sft" or "pretrained": the base (policy and reference) is the LM-pretrained model before SFT."""
     # --- monitoring ---
-    gold_every: int = 5
+    gold_every: int = 10
     """Iterations between gold-score measurements on the test prompts (the common measurement)."""
     sample_every: int = 10
     """Iterations between sample tables in the log."""
     checkpoint_every: int = 20
     """Iterations between checkpoints (0: only at the end)."""
+    max_nonfinite: int = 3
+    """Consecutive iterations with a skipped (non-finite) update after which the run saves a checkpoint
+    and stops with NonFiniteError."""
     collapse: CollapseBands = CollapseBands()
     """Bands of the pattern-collapse detector."""
     seed: int = 0
@@ -144,6 +147,8 @@ class PPOConfig:
             raise ValueError("PPOConfig.critic_pretrain_iterations must be in [0, iterations)")
         if self.checkpoint_every < 0:
             raise ValueError("PPOConfig.checkpoint_every must be >= 0")
+        if self.max_nonfinite < 1:
+            raise ValueError(f"PPOConfig.max_nonfinite must be >= 1, got {self.max_nonfinite}")
         if context_length is not None and self.max_new_tokens >= context_length:
             raise ValueError(f"PPOConfig.max_new_tokens ({self.max_new_tokens}) must be below the model's "
                              f"context length ({context_length})")

@@ -26,6 +26,7 @@ __all__ = [
     "entropy_bonus",
     "entropy_from_logits",
     "explained_variance",
+    "global_grad_norm",
     "kl_k1",
     "kl_k3",
     "logprobs_from_logits",
@@ -409,6 +410,14 @@ def clip_grad_norm_global(params: Iterable[Tensor], max_norm: float) -> float:
     Parameters without a gradient are skipped. Returns the total norm BEFORE clipping, as a float.
     """
     return float(torch.nn.utils.clip_grad_norm_(list(params), max_norm))
+
+
+def global_grad_norm(params: Iterable[Tensor]) -> float:
+    """The L2 norm that :func:`clip_grad_norm_global` clips, without clipping: one norm over every
+    gradient of ``params`` (those without one are skipped; 0.0 if none). NaN or inf propagate, so the
+    trainer can use it as its non-finite gradient check.
+    """
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
 def response_perplexity(logp: Tensor, mask: Tensor) -> Tensor:

@@ -10,6 +10,11 @@ One iteration, in phases:
 5. **update**: epochs of minibatches; clipped surrogate (+ entropy, + ptx) and (clipped) value loss;
 6. **log**: the paper's monitors, the collapse detector, samples and checkpoints.
 
+Robustness: a non-finite loss, gradient norm or RM score skips that optimizer step (or the whole update)
+with a warning and an ``event: nonfinite`` row; ``cfg.max_nonfinite`` such iterations in a row save a
+checkpoint and raise :class:`NonFiniteError`. Ctrl-C stops after the current iteration with a checkpoint,
+and :meth:`PPOTrainer.load_checkpoint` resumes a run exactly (the same metrics as without the stop).
+
 Tensors in phases 2-5 live in *response space*: (B, N) with N the longest response of the buffer,
 where column i is response token i. Logits at sequence position P-1+i predict token i, and the critic's
 value there is the value of the state before token i.
@@ -18,8 +23,13 @@ value there is the value of the state before token i.
 from __future__ import annotations
 
 import json
+import math
 import random
+import shutil
 import signal
+import sys
+import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,10 +44,16 @@ from ..batching import encode_example, last_token_index, pad_batch
 from ..evaluation import evaluate_gold
 from ..generation import Rollout, decode_responses, encode_prompts, sample
 from ..models import AdapterStack, LoraSettings
-from ..sft import load_sft_model
+from ..sft import load_sft_model, model_fingerprint
+from ..tokenizer import load_tokenizer
 from ..utils import DATA_DIR, MetricsLog, Stopwatch, progress, read_json, seed_everything, write_json
 from . import core
 from .config import CollapseBands, PPOConfig
+
+
+class NonFiniteError(RuntimeError):
+    """``cfg.max_nonfinite`` consecutive iterations skipped their update on NaN or inf; a checkpoint of the
+    run (before any non-finite value reached the weights) was saved, and the message names it."""
 
 
 # ----- the buffer ---------------------------------------------------------------------------------
@@ -55,6 +71,7 @@ class Experience:
     rewards: torch.Tensor  # shaped per-token rewards
     advantages: torch.Tensor
     returns: torch.Tensor
+    finite: bool = True  # False: a non-finite RM score, so the buffer must not be trained on
 
     def minibatches(self, size: int, rng: random.Random) -> list[dict[str, torch.Tensor]]:
         """Shuffled minibatches of ``size`` rows, each a dict of the row-sliced tensors."""
@@ -149,21 +166,55 @@ class PPOSetup:
         return self.rm_stack if self.rm_stack is not None else self.stack
 
 
-def build_setup(cfg: PPOConfig, sft_dir: str | Path, rm_dir: str | Path, data_dir: str | Path = DATA_DIR,
-                n_test_prompts: int = 256) -> PPOSetup:
-    """Load the base (SFT or pretrained), add policy/critic/reward adapters, load the RM, init the critic.
+def check_rm_base(rm_dir: Path, sft_dir: Path) -> LoraSettings:
+    """Check that ``rm_dir`` holds a reward model trained on the SFT model in ``sft_dir``; return its LoRA settings.
 
-    Checks the SFT and RM folders before anything heavy happens.
+    An RM adapter reads the features of the base it was trained on: on another SFT model it would score
+    noise. The RM stage records the SFT model's fingerprint (path and sha256 of its weights).
     """
-    sft_dir, rm_dir, data_dir = Path(sft_dir), Path(rm_dir), Path(data_dir)
     rm_meta_path = rm_dir / "adapter" / "adapter.json"
     if not rm_meta_path.exists():
         raise FileNotFoundError(f"{rm_dir} holds no reward model (missing {rm_meta_path}); run the rm stage first")
     rm_summary = read_json(rm_dir / "summary.json")
-    lora = LoraSettings(**{**rm_summary["config"]["lora"],
-                           "target_modules": tuple(rm_summary["config"]["lora"]["target_modules"])})
-    base, tok = load_sft_model(sft_dir, "pretrained" if cfg.policy_init == "pretrained" else "model")
-    cfg.validate(context_length=base.config.max_position_embeddings)
+    recorded = rm_summary.get("sft_model")
+    if recorded is None:
+        warnings.warn(f"{rm_dir / 'summary.json'} does not record its SFT model (an older RM run): cannot check "
+                      f"that it was trained on {sft_dir}", stacklevel=2)
+    else:
+        current = model_fingerprint(sft_dir)
+        if recorded["sha256"] != current["sha256"]:
+            raise ValueError(f"the reward model in {rm_dir} was trained on the SFT model {recorded['path']} "
+                             f"(sha256 {recorded['sha256']}), but {current['path']} is another model (sha256 "
+                             f"{current['sha256']}): pass the --sft folder the RM was trained on, or retrain the RM")
+    lora = rm_summary["config"]["lora"]
+    return LoraSettings(**{**lora, "target_modules": tuple(lora["target_modules"])})
+
+
+def build_setup(cfg: PPOConfig, sft_dir: str | Path, rm_dir: str | Path, data_dir: str | Path = DATA_DIR,
+                n_test_prompts: int = 256) -> PPOSetup:
+    """Load the base (SFT or pretrained), add policy/critic/reward adapters, load the RM, init the critic.
+
+    Everything cheap is checked before any model is loaded: the folders, that the RM was trained on
+    this SFT model, every data row (DataError names file:line) and that prompt + response fit the context.
+    """
+    sft_dir, rm_dir, data_dir = Path(sft_dir), Path(rm_dir), Path(data_dir)
+    which = "pretrained" if cfg.policy_init == "pretrained" else "model"
+    for d in dict.fromkeys([sft_dir / which, sft_dir / "model"]):
+        if not (d / "config.json").exists():
+            raise FileNotFoundError(f"{d} has no model: run `python -m rlhf_lite sft --out {sft_dir}` first")
+    lora = check_rm_base(rm_dir, sft_dir)
+    train = [r["prompt"] for r in data_mod.load_prompts(data_dir / "prompts_train.jsonl")]
+    test = [r["prompt"] for r in data_mod.load_prompts(data_dir / "prompts_test.jsonl")][:n_test_prompts]
+    sft_rows = data_mod.load_sft(data_dir / "sft.jsonl") if cfg.ptx_coef else []
+    tok = load_tokenizer(sft_dir / which / "tokenizer.json")
+    context = read_json(sft_dir / which / "config.json")["max_position_embeddings"]
+    cfg.validate(context_length=context)
+    longest = max(len(ids) for ids in tok(train + test, add_special_tokens=False)["input_ids"])
+    if longest + cfg.max_new_tokens > context:
+        raise ValueError(f"PPOConfig.max_new_tokens ({cfg.max_new_tokens}) plus the longest prompt in {data_dir} "
+                         f"({longest} tokens) exceeds the model's context length ({context})")
+
+    base = load_sft_model(sft_dir, which)[0]
     stack = AdapterStack(base, ["policy", "critic", "reward"], lora)
     stack.load_adapter("reward", rm_dir / "adapter")
     rm_stack = None
@@ -175,13 +226,7 @@ def build_setup(cfg: PPOConfig, sft_dir: str | Path, rm_dir: str | Path, data_di
         rm_stack.eval()
     if cfg.critic_init == "rm":
         stack.copy_adapter("reward", "critic")
-    train = [r["prompt"] for r in data_mod.load_prompts(data_dir / "prompts_train.jsonl")]
-    test = [r["prompt"] for r in data_mod.load_prompts(data_dir / "prompts_test.jsonl")][:n_test_prompts]
-    sft_examples = []
-    if cfg.ptx_coef:
-        max_len = base.config.max_position_embeddings
-        sft_examples = [encode_example(tok, r["prompt"], r["response"], max_len)
-                        for r in data_mod.load_sft(data_dir / "sft.jsonl")]
+    sft_examples = [encode_example(tok, r["prompt"], r["response"], context) for r in sft_rows]
     return PPOSetup(stack, tok, train, test, sft_examples, rm_stack)
 
 
@@ -207,6 +252,11 @@ class PPOTrainer:
         self.history: list[dict] = []
         self.samples: list[dict] = []
         self.collapse: tuple[int, str] | None = None
+        self.baseline: dict | None = None  # gold measurement of the starting policy (the iteration-0 row)
+        self.nonfinite_streak = 0  # consecutive iterations with a skipped update
+        self.last_nonfinite: str | None = None
+        self.events: list[dict] = []  # event rows of the current iteration, logged after its row
+        self.stop_requested = False  # set by Ctrl-C: stop after the current iteration
         self.timer = Stopwatch()
 
     # --- phase 1: rollout ---
@@ -228,8 +278,12 @@ class PPOTrainer:
         ref_logp = core.logprobs_from_logits(ref_logits, ids[:, P:]) * mask
         values = response_values(self.stack, ids, att, P) * mask
         scores = rm_scores(self.setup.reward_model, ids, att)
+        finite = bool(torch.isfinite(scores).all())
+        if not finite:  # skip this buffer's update; a NaN must not reach the running moments, which persist
+            self.skip_step(f"RM reward ({int((~torch.isfinite(scores)).sum())} of {len(scores)} scores)")
+            used = scores
         # Score reparameterization (Sec. 5.3.1): normalize+clip or scale with running statistics.
-        if cfg.reward_norm_clip is not None:
+        elif cfg.reward_norm_clip is not None:
             used = core.normalize_and_clip_rewards(scores, self.reward_moments, cfg.reward_norm_clip)
         elif cfg.reward_scaling:
             used = core.scale_rewards(scores, self.reward_moments)
@@ -242,7 +296,7 @@ class PPOTrainer:
         if cfg.adv_norm_clip is not None:
             adv = core.normalize_and_clip_advantages(adv, mask, cfg.adv_norm_clip)
         behaviour = ref_logp if cfg.old_policy == "reference" else old_logp
-        exp = Experience(ids, att, P, mask, behaviour, ref_logp, values, rewards, adv, ret)
+        exp = Experience(ids, att, P, mask, behaviour, ref_logp, values, rewards, adv, ret, finite)
         seq_kl = (kl * mask).sum(-1)
         stats = {
             "reward": scores.mean().item(),
@@ -290,30 +344,52 @@ class PPOTrainer:
         return loss, {"value_loss": loss.item(), "vf_clipfrac": st["vf_clipfrac"].item()}
 
     def update(self, exp: Experience, train_policy: bool) -> dict:
+        """Epochs of minibatch steps; a step whose loss or gradient norm is not finite is skipped."""
         cfg = self.cfg
         self.stack.train()
         agg: dict[str, list[float]] = {}
-        for _ in range(cfg.ppo_epochs):
-            for mb in exp.minibatches(cfg.minibatch_size, self.rng):
+        skipped = 0
+        params = self.policy_params + self.critic_params
+        for epoch in range(cfg.ppo_epochs):
+            for i, mb in enumerate(exp.minibatches(cfg.minibatch_size, self.rng)):
                 stats = {}
+                checked = {}  # what must be finite for the step to be taken
                 self.policy_opt.zero_grad(set_to_none=True)
                 self.critic_opt.zero_grad(set_to_none=True)
                 if train_policy:
                     p_loss, p_stats = self.policy_step_loss(mb, exp.prompt_len)
                     p_loss.backward()
                     stats.update(p_stats)
+                    checked["policy loss"] = p_loss.item()
                 v_loss, v_stats = self.critic_step_loss(mb, exp.prompt_len)
                 v_loss.backward()
                 stats.update(v_stats)
+                checked["value loss"] = v_loss.item()
                 if cfg.max_grad_norm is not None:  # one norm over policy and critic (PPO-max #6)
-                    stats["grad_norm"] = core.clip_grad_norm_global(self.policy_params + self.critic_params,
-                                                                    cfg.max_grad_norm)
+                    stats["grad_norm"] = core.clip_grad_norm_global(params, cfg.max_grad_norm)
+                else:
+                    stats["grad_norm"] = core.global_grad_norm(params)
+                checked["gradient norm"] = stats["grad_norm"]
+                bad = [name for name, v in checked.items() if not math.isfinite(v)]
+                if bad:  # one NaN step would poison Adam's moments and the weights for good
+                    self.policy_opt.zero_grad(set_to_none=True)
+                    self.critic_opt.zero_grad(set_to_none=True)
+                    self.skip_step(f"{' and '.join(bad)} (epoch {epoch}, minibatch {i})")
+                    skipped += 1
+                    continue  # its stats stay out of the means
                 if train_policy:
                     self.policy_opt.step()
                 self.critic_opt.step()
                 for k, v in stats.items():
                     agg.setdefault(k, []).append(v)
-        return {k: float(np.mean(v)) for k, v in agg.items()}
+        return {**{k: float(np.mean(v)) for k, v in agg.items()}, "skipped_updates": skipped}
+
+    def skip_step(self, what: str) -> None:
+        """Record a skipped optimizer step: a warning now, an event row logged after this iteration's row."""
+        warnings.warn(f"PPO iteration {self.iteration}: non-finite {what}; update skipped", RuntimeWarning,
+                      stacklevel=2)
+        self.events.append({"iteration": self.iteration, "event": "nonfinite", "what": what})
+        self.last_nonfinite = what
 
     # --- one iteration, and the run ---
     def step(self) -> dict:
@@ -325,7 +401,10 @@ class PPOTrainer:
         texts = decode_responses(self.tok, ro)
         gold = [world.gold_score(p, t, f) for p, t, f in zip(prompts, texts, ro.finished.tolist())]
         train_policy = self.iteration > cfg.critic_pretrain_iterations
-        stats.update(self.update(exp, train_policy))
+        if exp.finite:
+            stats.update(self.update(exp, train_policy))
+        else:  # every step of this buffer is skipped
+            stats["skipped_updates"] = cfg.ppo_epochs * (cfg.rollout_batch // cfg.minibatch_size)
         row = {"iteration": self.iteration, "train_gold_score": float(np.mean(gold)),
                "repetition_fraction": repeated_trigram_fraction(texts), "policy_updated": train_policy, **stats}
         if self.iteration % cfg.gold_every == 0 or self.iteration == cfg.iterations:
@@ -349,35 +428,61 @@ class PPOTrainer:
                 for p, t, g, s in list(zip(prompts, texts, gold, scores))[:k]]
 
     def train(self) -> dict:
-        """Run every iteration; on Ctrl-C save a checkpoint and stop cleanly. Returns the summary."""
+        """Run the remaining iterations, then write summary, samples and plots. Returns the summary.
+
+        Ctrl-C stops after the current iteration and saves a checkpoint (a second Ctrl-C aborts at once,
+        keeping the last periodic checkpoint). After :meth:`load_checkpoint` the run continues where it
+        stopped, appending to metrics.jsonl. Raises :class:`NonFiniteError` after ``cfg.max_nonfinite``
+        consecutive iterations with a skipped update.
+        """
         cfg = self.cfg
-        log = MetricsLog(self.out / "metrics.jsonl")
-        interrupted = False
-        baseline = self.gold_eval()  # the starting policy (SFT), same measurement as every stage
-        log.log({"iteration": 0, **baseline})
-        prev = signal.getsignal(signal.SIGINT)
+        ckpt, metrics = self.out / "checkpoint", self.out / "metrics.jsonl"
+        resumed = self.baseline is not None
+        if resumed:
+            trim_metrics(metrics, self.iteration)
+        log = MetricsLog(metrics, append=resumed)
+        if not resumed:
+            self.baseline = self.gold_eval()  # the starting policy (SFT), same measurement as every stage
+            log.log({"iteration": 0, **self.baseline})
+        self.stop_requested, aborted = False, False
+        in_main = threading.current_thread() is threading.main_thread()  # signals only reach the main thread
+        prev = signal.signal(signal.SIGINT, self._on_sigint) if in_main else None
         try:
             bar = progress(range(self.iteration, cfg.iterations), f"PPO {self.preset}")
             for _ in bar:
+                if self.stop_requested:
+                    break
                 row = self.step()
                 self.history.append(row)
                 log.log(row)
+                for event in self.events:
+                    log.log(event)
+                self.events.clear()
                 bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row['kl_per_token']:.3f}",
                                 len=f"{row['response_length']:.1f}")
                 if self.collapse is None:
                     self.collapse = detect_collapse(self.history, cfg.collapse)
                     if self.collapse:
                         log.log({"iteration": self.iteration, "event": "collapse", "reason": self.collapse[1]})
+                self.nonfinite_streak = self.nonfinite_streak + 1 if row["skipped_updates"] else 0
+                if self.nonfinite_streak >= cfg.max_nonfinite:
+                    self.save_checkpoint(ckpt)  # skipped steps never touched the weights: a clean state
+                    raise NonFiniteError(
+                        f"{self.nonfinite_streak} consecutive PPO iterations (up to {self.iteration}) skipped "
+                        f"their update on non-finite values (last: {self.last_nonfinite}); checkpoint saved "
+                        f"in {ckpt}; continue with `python -m rlhf_lite ppo --resume {self.out}` and the same "
+                        "settings")
                 if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
-                    self.save_checkpoint(self.out / "checkpoint")
-        except KeyboardInterrupt:
-            interrupted = True
-            self.save_checkpoint(self.out / "checkpoint")
+                    self.save_checkpoint(ckpt)
+        except KeyboardInterrupt:  # a second Ctrl-C: the iteration is half done, so no checkpoint of it
+            aborted = True
         finally:
-            signal.signal(signal.SIGINT, prev)
+            if in_main:
+                signal.signal(signal.SIGINT, prev if prev is not None else signal.default_int_handler)
             log.close()
-        self.save_checkpoint(self.out / "checkpoint")
-        summary = self.summary(baseline, interrupted)
+        if not aborted:
+            self.save_checkpoint(ckpt)
+        summary = self.summary(self.baseline, interrupted=aborted or self.stop_requested)
         write_json(self.out / "summary.json", summary)
         with (self.out / "samples.jsonl").open("w") as fh:
             for s in self.samples:
@@ -386,6 +491,14 @@ class PPOTrainer:
 
         plot_ppo([self.out], self.out / "ppo_monitors.png", labels=[self.preset])
         return summary
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        """First Ctrl-C: finish this iteration, save a checkpoint, stop. A second one aborts at once."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print(f"\nCtrl-C: stopping after the current iteration, with a checkpoint in {self.out / 'checkpoint'} "
+              "(press again to abort without one)", file=sys.stderr)
 
     def summary(self, baseline: dict, interrupted: bool = False) -> dict:
         h = self.history
@@ -414,11 +527,13 @@ class PPOTrainer:
 
     # --- checkpoints ---
     def save_checkpoint(self, path: str | Path) -> None:
-        """Adapters, heads, optimizer states, running statistics, RNG states and the iteration."""
+        """Adapters, heads, optimizer states, running statistics, RNG states, the iteration and the log
+        state; ``meta.json`` holds the iteration and config in plain JSON."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.stack.save_adapter("policy", path / "policy")
-        self.stack.save_adapter("critic", path / "critic")
+        tmp = path.with_name(path.name + ".tmp")  # written aside, then swapped in: a kill never leaves half
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.stack.save_adapter("policy", tmp / "policy")
+        self.stack.save_adapter("critic", tmp / "critic")
         torch.save({
             "iteration": self.iteration,
             "policy_opt": self.policy_opt.state_dict(),
@@ -430,12 +545,79 @@ class PPOTrainer:
             "history": self.history,
             "samples": self.samples,
             "collapse": self.collapse,
-        }, path / "trainer.pt")
+            "baseline": self.baseline,
+            "nonfinite_streak": self.nonfinite_streak,
+            "wall_seconds": self.timer(),
+        }, tmp / "trainer.pt")
+        write_json(tmp / "meta.json", {"iteration": self.iteration, "preset": self.preset,
+                                       "config": self.cfg.to_dict()})
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore what :meth:`save_checkpoint` wrote, so that :meth:`train` continues the run exactly:
+        on the CPU, the same metrics as a run that never stopped. The checkpoint's config must equal this
+        trainer's except ``iterations``, which may be raised to extend the run.
+        """
+        path = Path(path)
+        check_checkpoint(path, self.cfg)
+        self.stack.load_adapter("policy", path / "policy")
+        self.stack.load_adapter("critic", path / "critic")
+        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+        self.policy_opt.load_state_dict(state["policy_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.reward_moments.load_state_dict(state["reward_moments"])
+        self.rng.setstate(state["rng"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        self.iteration, self.history, self.samples = state["iteration"], state["history"], state["samples"]
+        self.collapse = tuple(state["collapse"]) if state["collapse"] else None
+        self.baseline, self.nonfinite_streak = state["baseline"], state["nonfinite_streak"]
+        self.timer.start -= state["wall_seconds"]  # wall_seconds keep counting from the first start
+
+
+def check_checkpoint(path: str | Path, cfg: PPOConfig) -> dict:
+    """Check that ``path`` holds a checkpoint that ``cfg`` can continue; return its meta.json.
+
+    Every setting must match the checkpoint's except ``iterations``, which may not be below the
+    iteration already reached. Reads only meta.json, so it is cheap enough to run before any model loads.
+    """
+    path = Path(path)
+    if not (path / "meta.json").exists():
+        raise FileNotFoundError(f"{path} holds no checkpoint (missing meta.json): nothing to resume")
+    meta = read_json(path / "meta.json")
+    saved, wanted = meta["config"], json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, like the file
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, requested {wanted.get(k)!r}"
+            for k in sorted(set(saved) | set(wanted)) if k != "iterations" and saved.get(k) != wanted.get(k)]
+    if diff:
+        raise ValueError(f"cannot resume from {path}: its config differs ({'; '.join(diff)}); use the preset "
+                         f"({meta['preset']!r}), seed and --set of the original run (only iterations may change)")
+    if cfg.iterations < meta["iteration"]:
+        raise ValueError(f"cannot resume from {path}: PPOConfig.iterations ({cfg.iterations}) is below the "
+                         f"iteration it reached ({meta['iteration']})")
+    return meta
+
+
+def trim_metrics(path: Path, iteration: int) -> None:
+    """Drop metrics rows after ``iteration``: a run killed between checkpoints logged rows a resume repeats."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+        path.write_text("".join(line + "\n" for line in rows))
 
 
 def run_ppo(out_dir: str | Path, sft_dir: str | Path, rm_dir: str | Path, cfg: PPOConfig, preset: str = "custom",
-            data_dir: str | Path = DATA_DIR) -> dict:
-    """Build the setup and run PPO; writes metrics.jsonl, summary.json, samples, plots, checkpoint."""
+            data_dir: str | Path = DATA_DIR, resume: bool = False) -> dict:
+    """Build the setup and run PPO; writes metrics.jsonl, summary.json, samples, plots, checkpoint.
+
+    ``resume``: continue the run in ``out_dir`` from ``out_dir/checkpoint`` (see :meth:`PPOTrainer.load_checkpoint`).
+    Settings, folders and data are all checked before any model is loaded.
+    """
     cfg.validate()
+    if resume:
+        check_checkpoint(Path(out_dir) / "checkpoint", cfg)
     setup = build_setup(cfg, sft_dir, rm_dir, data_dir)
-    return PPOTrainer(cfg, setup, out_dir, preset).train()
+    trainer = PPOTrainer(cfg, setup, out_dir, preset)
+    if resume:
+        trainer.load_checkpoint(Path(out_dir) / "checkpoint")
+    return trainer.train()
