@@ -7,15 +7,51 @@ each notebook also works alone.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 from .utils import REPO_ROOT, read_json
 
 RUNS = Path(os.environ.get("RLHF_LITE_RUNS", REPO_ROOT / "runs" / "notebooks"))
+
+
+@contextlib.contextmanager
+def _stage_lock(out: Path):
+    """Hold ``out/.lock`` while a stage runs, waiting for another live process that holds it.
+
+    Two notebooks executed at the same time would otherwise train the same stage into one folder.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)  # raises if that process is gone
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # a stale lock from a dead process
+                continue
+            time.sleep(5)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _run_once(out: Path, config: dict, run):
+    """The summary of a finished run in ``out`` made with ``config``, else run it (one process at a time)."""
+    with _stage_lock(out):
+        return read_json(out / "summary.json") if _same_config(out, config) else run()
 
 
 def _same_config(out: Path, config: dict) -> bool:
@@ -30,7 +66,7 @@ def ensure_sft(cfg=None, out: Path | None = None) -> dict:
 
     cfg = cfg or SFTConfig()
     out = out or RUNS / "sft"
-    return read_json(out / "summary.json") if _same_config(out, asdict(cfg)) else train_sft(out, cfg)
+    return _run_once(out, asdict(cfg), lambda: train_sft(out, cfg))
 
 
 def ensure_rm(cfg=None, out: Path | None = None, sft_dir: Path | None = None) -> dict:
@@ -42,7 +78,7 @@ def ensure_rm(cfg=None, out: Path | None = None, sft_dir: Path | None = None) ->
     sft_dir = sft_dir or RUNS / "sft"
     if sft_dir == RUNS / "sft":
         ensure_sft()
-    return read_json(out / "summary.json") if _same_config(out, asdict(cfg)) else train_rm(out, sft_dir, cfg)
+    return _run_once(out, asdict(cfg), lambda: train_rm(out, sft_dir, cfg))
 
 
 def ensure_ppo(preset: str, cfg=None, out: Path | None = None) -> dict:
@@ -53,9 +89,7 @@ def ensure_ppo(preset: str, cfg=None, out: Path | None = None) -> dict:
     cfg = cfg or get_preset(preset)
     out = out or RUNS / "ppo" / f"{preset}_seed{cfg.seed}"
     ensure_rm()
-    if _same_config(out, cfg.to_dict()):
-        return read_json(out / "summary.json")
-    return run_ppo(out, RUNS / "sft", RUNS / "rm", cfg, preset=preset)
+    return _run_once(out, cfg.to_dict(), lambda: run_ppo(out, RUNS / "sft", RUNS / "rm", cfg, preset=preset))
 
 
 def ppo_dir(preset: str, seed: int = 0) -> Path:
