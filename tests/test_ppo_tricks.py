@@ -66,3 +66,14 @@ def test_global_clipping_bounds_the_joint_norm(tmp_path) -> None:
     pre = core.clip_grad_norm_global(params, 1e-3)
     post = torch.sqrt(sum((p.grad ** 2).sum() for p in params)).item()
     assert pre > 1e-3 and post <= 1e-3 * (1 + 1e-5)
+
+
+def test_no_gold_judge_skips_gold_metrics(tmp_path) -> None:
+    """Real data (HH-RLHF) has no gold judge: the run logs the RM reward and the monitors only."""
+    setup = tiny_setup()
+    setup.gold_fn = None
+    t = PPOTrainer(replace(CFG, gold_every=1, iterations=1), setup, tmp_path)
+    row = t.step()
+    assert "gold_score" not in row and "train_gold_score" not in row
+    assert "reward" in row and "kl_per_token" in row
+    assert t.gold_eval() == {}

@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -160,6 +160,8 @@ class PPOSetup:
     test_prompts: list[str]
     sft_examples: list[tuple[list[int], list[int]]] = field(default_factory=list)
     rm_stack: AdapterStack | None = None  # where the RM lives when it is not on ``stack`` (pretrained base)
+    gold_fn: Callable[[str, str, bool], float] | None = world.gold_score
+    """The oracle, logged and never trained on; None (real data such as HH-RLHF): no gold metrics."""
 
     @property
     def reward_model(self) -> AdapterStack:
@@ -399,14 +401,17 @@ class PPOTrainer:
         ro = self.rollout(prompts)
         exp, stats = self.make_experience(ro)
         texts = decode_responses(self.tok, ro)
-        gold = [world.gold_score(p, t, f) for p, t, f in zip(prompts, texts, ro.finished.tolist())]
+        gold_fn = self.setup.gold_fn
+        gold = [gold_fn(p, t, f) for p, t, f in zip(prompts, texts, ro.finished.tolist())] if gold_fn else []
         train_policy = self.iteration > cfg.critic_pretrain_iterations
         if exp.finite:
             stats.update(self.update(exp, train_policy))
         else:  # every step of this buffer is skipped
             stats["skipped_updates"] = cfg.ppo_epochs * (cfg.rollout_batch // cfg.minibatch_size)
-        row = {"iteration": self.iteration, "train_gold_score": float(np.mean(gold)),
-               "repetition_fraction": repeated_trigram_fraction(texts), "policy_updated": train_policy, **stats}
+        row = {"iteration": self.iteration, "repetition_fraction": repeated_trigram_fraction(texts),
+               "policy_updated": train_policy, **stats}
+        if gold:
+            row["train_gold_score"] = float(np.mean(gold))
         if self.iteration % cfg.gold_every == 0 or self.iteration == cfg.iterations:
             row.update(self.gold_eval())
         if self.iteration % cfg.sample_every == 0 or self.iteration == 1:
@@ -415,6 +420,9 @@ class PPOTrainer:
         return row
 
     def gold_eval(self) -> dict:
+        """The common gold measurement on the test prompts ({} when there is no gold judge)."""
+        if self.setup.gold_fn is None:
+            return {}
         with self.stack.activate("policy"):
             ev = evaluate_gold(self.stack.base_model, self.tok, self.setup.test_prompts, self.cfg.max_new_tokens,
                                device=self.device)
@@ -422,10 +430,11 @@ class PPOTrainer:
                 **{f"gold/{k}": v for k, v in ev.report.items() if k not in ("overall", "n")}}
 
     def _samples(self, prompts, texts, gold, exp, k: int = 4) -> list[dict]:
-        scores = exp.rewards.sum(-1)
+        scores = exp.rewards.sum(-1).tolist()
+        golds = gold or [None] * len(texts)
         return [{"prompt": p.split("Human:")[-1].replace("\n\nAssistant:", "").strip(), "response": t.strip(),
-                 "gold": round(g, 3), "shaped_return": round(float(s), 3)}
-                for p, t, g, s in list(zip(prompts, texts, gold, scores))[:k]]
+                 "gold": None if g is None else round(g, 3), "shaped_return": round(float(s), 3)}
+                for p, t, g, s in list(zip(prompts, texts, golds, scores))[:k]]
 
     def train(self) -> dict:
         """Run the remaining iterations, then write summary, samples and plots. Returns the summary.
@@ -502,7 +511,8 @@ class PPOTrainer:
 
     def summary(self, baseline: dict, interrupted: bool = False) -> dict:
         h = self.history
-        golds = [baseline["gold_score"]] + [r["gold_score"] for r in h if "gold_score" in r]
+        golds = [baseline.get("gold_score")] + [r["gold_score"] for r in h if "gold_score" in r]
+        golds = [g for g in golds if g is not None] or [None]
         return {
             "stage": "ppo",
             "preset": self.preset,
@@ -511,8 +521,8 @@ class PPOTrainer:
             "interrupted": interrupted,
             "initial_reward": h[0]["reward"] if h else None,
             "final_reward": h[-1]["reward"] if h else None,
-            "initial_gold_score": baseline["gold_score"],
-            "peak_gold_score": max(golds),
+            "initial_gold_score": golds[0],
+            "peak_gold_score": max(golds) if golds[0] is not None else None,
             "final_gold_score": golds[-1],
             "final_kl": h[-1]["kl_per_token"] if h else None,
             "final_kl_per_sequence": h[-1]["kl_per_sequence"] if h else None,
