@@ -127,6 +127,7 @@ def sweep_row(preset: str, seed: int, s: dict) -> dict:
         "initial_gold_score": s["initial_gold_score"], "peak_gold_score": s["peak_gold_score"],
         "final_gold_score": s["final_gold_score"], "initial_reward": s["initial_reward"],
         "final_reward": s["final_reward"], "final_kl": s["final_kl"],
+        "initial_response_length": s["initial_response_length"],
         "final_response_length": s["final_response_length"], "collapse_detected": s["collapse_detected"],
         "collapse_iteration": s["collapse_iteration"], "wall_seconds": s["wall_seconds"],
     }
