@@ -98,7 +98,8 @@ def pick_compute_dtype(device: torch.device | str) -> torch.dtype:
     device = torch.device(device)
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # A T4 only emulates bf16 (slowly); count native support only, so it gets fp16.
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def load_causal_lm(
