@@ -280,14 +280,15 @@ def train_rm(out_dir: str | Path, sft_dir: str | Path, cfg: RMConfig | None = No
     stack.save_adapter("reward", out / "adapter")
 
     # --- final evaluation on every test pair -------------------------------------------------------
-    test_acc, margins = pair_accuracy(stack, test_enc, tok.pad_token_id)
-    gold_diff = np.array([p.meta["gold_chosen"] - p.meta["gold_rejected"] for p in test_pairs])
-    gold_agree = agreement(margins, gold_diff)
-    annot_agree = agreement(np.ones_like(gold_diff), gold_diff)  # labels order chosen first
-
+    # One scoring pass over every test response serves accuracy, agreement and the correlations.
     prompts_all = [p.prompt for p in test_pairs for _ in (0, 1)]
     responses_all = [r for p in test_pairs for r in (p.chosen, p.rejected)]
     rm_all = score_texts(stack, tok, prompts_all, responses_all, max_len)
+    margins = rm_all[0::2] - rm_all[1::2]
+    test_acc = float((margins > 0).mean())
+    gold_diff = np.array([p.meta["gold_chosen"] - p.meta["gold_rejected"] for p in test_pairs])
+    gold_agree = agreement(margins, gold_diff)
+    annot_agree = agreement(np.ones_like(gold_diff), gold_diff)  # labels order chosen first
     gold_all = np.array([world.gold_score(p, r) for p, r in zip(prompts_all, responses_all)])
     len_all = np.array([len(tok(r, add_special_tokens=False)["input_ids"]) for r in responses_all])
 
