@@ -411,7 +411,7 @@ def fits(profile: GPUProfile, memory_gb: float, dtype_bytes: int = 2) -> bool:
 
 
 __all__ = [
-    "COLAB_T4", "CONSUMER_24GB", "CPU_SMOKE", "PROFILES", "GPUProfile", "ModelArch", "count_parameters",
+    "COLAB_T4", "CONSUMER_24GB", "CPU_SMOKE", "GIB", "PROFILES", "GPUProfile", "ModelArch", "count_parameters",
     "estimate_memory", "fits", "format_estimate", "get_profile", "load_gpu_stack", "load_tokenizer_for",
     "make_optimizer", "resolve_optimizer", "save_tiny_llama",
 ]
