@@ -11,7 +11,9 @@ fi
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip >/dev/null 2>&1 || true
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-  $PIP install -q "torch==2.13.0"
+  # the CPU wheel; machines of this project keep it in /opt/wheels
+  FIND=""; [ -d /opt/wheels ] && FIND="--find-links /opt/wheels"
+  $PIP install -q $FIND "torch==2.13.0"
 fi
 $PIP install -q -r requirements-dev.txt
 $PIP install -q --no-deps -e .

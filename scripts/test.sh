@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check rlhf_lite tests bench
-.venv/bin/python -m pytest -q tests notebooks --nbval-lax --nbval-current-env "$@"
+.venv/bin/python -m pytest -q tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=3000 "$@"
