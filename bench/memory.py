@@ -17,7 +17,8 @@ The iteration: sample ``ROLLOUT`` responses of ``NEW`` tokens to random ``PROMPT
 KV cache; reference log-probs, critic values and RM scores of the buffer without gradients; shaped rewards,
 GAE; then one epoch of minibatches of ``MINIBATCH`` (here the whole buffer: one PPO update): clipped surrogate
 + ptx loss on ``PTX``-token demonstrations, clipped value loss, one global gradient clip, one step of each
-optimizer. The sequences are short because bf16 matrix products are slow on CPUs without AVX512-BF16.
+optimizer. The sequences are short because bf16 matrix products are slow on CPUs without AVX512-BF16 (a bf16
+backward through one 3456 x 1280 weight matrix costs about 15 ms per token here).
 
 Each set-up runs in its own subprocess. What is measured: the kernel's peak resident set (VmHWM) during the
 iteration, reset once the models are loaded and between phases (``/proc/self/clear_refs``), minus the
@@ -44,7 +45,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROLLOUT, MINIBATCH, PROMPT, NEW, PTX = 2, 2, 32, 16, 48
+ROLLOUT, MINIBATCH, PROMPT, NEW = 2, 2, 16, 8
+PTX = PROMPT + NEW  # the ptx batch goes through the same policy forward as the rollouts
 ARCH = {"hidden_size": 1280, "num_hidden_layers": 24, "intermediate_size": 3456, "num_attention_heads": 20,
         "num_key_value_heads": 4, "vocab_size": 32000, "tie_word_embeddings": False}
 MIB = 1024**2
@@ -222,10 +224,14 @@ def ppo_max_iteration(m: OneBase | FourModels, vocab: int, meter: Meter, seed: i
         sl = slice(i, i + MINIBATCH)
         policy_opt.zero_grad(set_to_none=True)
         critic_opt.zero_grad(set_to_none=True)
-        logp = core.logprobs_from_logits(resp_logits("policy", ids[sl], att[sl]), ids[sl, PROMPT:])
+        # Rollout minibatch and ptx demonstrations in one policy forward: the trainer runs them as two
+        # graphs alive at once, which stores the same tensors; one pass halves the slow bf16 matmuls.
+        both = torch.cat([ids[sl], ptx_ids])
+        logits = m.lm_head("policy")(m.hidden("policy", both, torch.cat([att[sl], torch.ones_like(ptx_ids)]))).float()
+        n = sl.stop - sl.start
+        logp = core.logprobs_from_logits(logits[:n, PROMPT - 1: -1], ids[sl, PROMPT:])
         pg, _ = core.policy_loss(logp, old_logp[sl], adv[sl], mask[sl], 0.2)
-        ptx_logits = m.lm_head("policy")(m.hidden("policy", ptx_ids, torch.ones_like(ptx_ids))).float()
-        ptx = core.ptx_loss(ptx_logits[:, :-1], ptx_ids[:, 1:], torch.ones_like(ptx_ids[:, 1:]))
+        ptx = core.ptx_loss(logits[n:, :-1], ptx_ids[:, 1:], torch.ones_like(ptx_ids[:, 1:]))
         (pg + 0.5 * ptx).backward()
         v = values("critic", ids[sl], att[sl])[:, PROMPT - 1: -1]
         vl, _ = core.value_loss(v, old_values[sl], ret[sl], mask[sl], 0.2)

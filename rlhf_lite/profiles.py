@@ -258,10 +258,10 @@ def load_gpu_stack(profile: GPUProfile, adapters: Sequence[str] = ("policy", "cr
                    device: str | torch.device | None = None) -> tuple[AdapterStack, PreTrainedTokenizerBase]:
     """Load ``profile``'s model as a 4-bit base with the named LoRA adapters, and its tokenizer.
 
-    The compute dtype comes from :func:`pick_compute_dtype` (fp32 on the CPU). Gradient checkpointing is
-    the non-reentrant kind: it needs no ``requires_grad`` on the inputs, so, unlike
-    ``peft.prepare_model_for_kbit_training``, nothing is upcast to fp32 (that would add 2 bytes per
-    embedding and LM-head parameter: 2.2 GB on a 7B Qwen). LoRA weights are fp32 (peft's default).
+    The compute dtype comes from :func:`pick_compute_dtype` (fp32 on the CPU); gradient checkpointing is
+    the non-reentrant kind. Unlike ``peft.prepare_model_for_kbit_training``, nothing is upcast to fp32: that
+    would add 2 bytes per embedding and LM-head parameter (2.2 GB on a 7B Qwen). LoRA weights are fp32
+    (peft's default). Raises ValueError if the model is bigger than ``profile.max_params``.
     """
     profile.validate()
     device = pick_device(str(device) if device is not None else None)
