@@ -24,8 +24,8 @@ Each set-up runs in its own subprocess. What is measured: the kernel's peak resi
 iteration, reset once the models are loaded and between phases (``/proc/self/clear_refs``), minus the
 resident set right after the imports: resident weights plus everything the iteration allocates. Weights are
 cloned into anonymous memory after loading so that no file-backed mapping of the checkpoint is counted or
-missed, and glibc returns every buffer over 1 MiB on free (``MALLOC_MMAP_THRESHOLD_``), so the peak
-follows live tensors rather than the heap's high-water mark.
+missed, and glibc returns every buffer over 1 MiB on free (``MALLOC_MMAP_THRESHOLD_``, with transparent huge
+pages: ``glibc.malloc.hugetlb=1``), so the peak follows live tensors rather than the heap's high-water mark.
 The last line printed is JSON: ``{"a_4bit_adapters_mib", "b_four_models_bf16_mib", "ratio"}``.
 """
 
@@ -51,8 +51,9 @@ ARCH = {"hidden_size": 1280, "num_hidden_layers": 24, "intermediate_size": 3456,
         "num_key_value_heads": 4, "vocab_size": 32000, "tie_word_embeddings": False}
 MIB = 1024**2
 # glibc keeps freed multi-MB buffers in its heap (RSS then overstates live memory: by 0.8 GiB in (a)); with a
-# fixed mmap threshold every buffer over 1 MiB is its own mapping, returned to the kernel when freed.
-WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+# fixed mmap threshold every buffer over 1 MiB is its own mapping, returned to the kernel when freed. Huge
+# pages for those mappings keep the page faults (bitsandbytes de-quantizes every 4-bit weight per call) cheap.
+WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 # ----- memory readings ------------------------------------------------------------------------------
