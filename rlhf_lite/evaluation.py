@@ -34,11 +34,21 @@ class GoldEval:
         return self.report["overall"]
 
     def samples(self, k: int = 4) -> list[dict]:
-        """The first ``k`` samples with their gold scores (for tables in notebooks and logs)."""
+        """``k`` samples with their gold scores, for tables in notebooks and logs. All of them in order
+        when ``k`` covers every prompt; otherwise one prompt of each category in turn (test prompts are
+        grouped by category, so the first ``k`` would all be arithmetic)."""
+        by_cat: dict[str, list[int]] = {}
+        for i, p in enumerate(self.prompts):
+            by_cat.setdefault(world.category_of(p), []).append(i)
+        picks: list[int] = list(range(len(self.prompts))) if k >= len(self.prompts) else []
+        for rank in range(max((len(v) for v in by_cat.values()), default=0) if not picks else 0):
+            picks += [v[rank] for v in by_cat.values() if rank < len(v)]
         return [
-            {"prompt": p.split("Human:")[-1].replace("\n\nAssistant:", "").strip(), "response": r.strip(),
-             "gold": round(world.gold_score(p, r, f), 3)}
-            for p, r, f in zip(self.prompts[:k], self.responses[:k], self.finished[:k])
+            {"category": world.category_of(self.prompts[i]),
+             "prompt": self.prompts[i].split("Human:")[-1].replace("\n\nAssistant:", "").strip(),
+             "response": self.responses[i].strip(),
+             "gold": round(world.gold_score(self.prompts[i], self.responses[i], self.finished[i]), 3)}
+            for i in picks[:k]
         ]
 
 

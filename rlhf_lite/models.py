@@ -24,6 +24,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from .batching import length_buckets
+from .utils import quiet_hf_progress
+
 ADAPTER_FILE = "adapter.pt"
 ADAPTER_META = "adapter.json"
 
@@ -126,6 +129,7 @@ def load_causal_lm(
             bnb_4bit_compute_dtype=compute_dtype,
         )
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
+    quiet_hf_progress()
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
     if not quantize_4bit:
         model.to(device)
@@ -169,6 +173,8 @@ class AdapterStack(nn.Module):
             p.requires_grad_(False)
         self.lora = lora
         self.adapter_names = list(adapters)
+        self.bucket_rows: int | None = 32
+        """Rows per length bucket in forward passes (see :func:`length_buckets`); None: one bucket."""
         lcfg = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules), bias="none",
@@ -223,12 +229,20 @@ class AdapterStack(nn.Module):
     # ----- forward passes -------------------------------------------------------------------------
     def hidden(self, name: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last hidden states (B, T, H) with adapter ``name`` active."""
+        B, T = input_ids.shape
+        buckets = length_buckets(attention_mask, self.bucket_rows)
         with self.activate(name):
-            out = self.base_model.model(
-                input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-            )
-        return out.last_hidden_state
+            out: torch.Tensor | None = None
+            for rows, lo, hi in buckets:
+                ids, att = input_ids[rows, lo:hi], attention_mask[rows, lo:hi]
+                h = self.base_model.model(input_ids=ids, attention_mask=att,
+                                          position_ids=position_ids_from_mask(att)).last_hidden_state
+                if len(buckets) == 1 and (lo, hi) == (0, T):
+                    return h
+                if out is None:  # padded positions stay 0: every consumer masks them
+                    out = h.new_zeros(B, T, h.shape[-1])
+                out[rows, lo:hi] = h
+        return out
 
     def logits(self, name: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """LM logits (B, T, V) with adapter ``name`` (``None`` gives the reference model)."""

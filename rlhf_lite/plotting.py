@@ -94,15 +94,20 @@ PPO_PANELS = (
 )
 
 
-def plot_ppo(run_dirs, out_path=None, labels=None, panels=PPO_PANELS, sft_gold: float | None = None, ncols: int = 3):
-    """The paper's monitors (Fig. 4 analogue) over iterations for one or more runs, collapse points marked."""
+def plot_ppo(run_dirs, out_path=None, labels=None, panels=PPO_PANELS, sft_gold: float | None = None, ncols: int = 3,
+             colors=None):
+    """The paper's monitors (Fig. 4 analogue) over iterations for one or more runs, collapse points marked.
+
+    Run i has colour ``colors[i]`` (default ``C{i}``) in every panel, even where earlier runs lack a metric.
+    """
     import json
 
     run_dirs = [Path(d) for d in run_dirs]
     labels = labels or [d.name for d in run_dirs]
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows), squeeze=False)
-    for d, label in zip(run_dirs, labels):
+    colors = colors or [f"C{i}" for i in range(len(run_dirs))]
+    for d, label, color in zip(run_dirs, labels, colors):
         rows = read_metrics(d / "metrics.jsonl")
         summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
         collapse = summary.get("collapse_iteration")
@@ -110,9 +115,9 @@ def plot_ppo(run_dirs, out_path=None, labels=None, panels=PPO_PANELS, sft_gold: 
             pts = [(r["iteration"], r[key]) for r in rows if r.get(key) is not None and "event" not in r]
             if not pts:
                 continue
-            line, = ax.plot(*zip(*pts), marker="o" if key == "gold_score" else None, ms=3, label=label)
+            ax.plot(*zip(*pts), marker="o" if key == "gold_score" else None, ms=3, label=label, color=color)
             if collapse is not None:
-                ax.axvline(collapse, color=line.get_color(), ls=":", lw=1.2)
+                ax.axvline(collapse, color=color, ls=":", lw=1.2)
             ax.set(xlabel="PPO iteration", ylabel=ylabel, title=title)
     if sft_gold is not None:
         for ax, (key, *_rest) in zip(axes.flat, panels):

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 from . import data as data_mod
 from . import world
-from .batching import encode_example, last_token_index, pad_batch
+from .batching import encode_examples, last_token_index, pad_batch
 from .evaluation import EVAL_SEED, rollout_in_batches
 from .models import AdapterStack, LoraSettings
 from .ppo.core import ptx_loss
@@ -119,12 +119,9 @@ def rm_loss(
 def encode_pairs(tok: PreTrainedTokenizerFast, pairs: Sequence[data_mod.PreferencePair], max_len: int
                  ) -> list[tuple[list[int], list[int], list[int], list[int]]]:
     """Token ids and response masks of (chosen, rejected) for each pair."""
-    out = []
-    for p in pairs:
-        c, cm = encode_example(tok, p.prompt, p.chosen, max_len)
-        r, rm = encode_example(tok, p.prompt, p.rejected, max_len)
-        out.append((c, cm, r, rm))
-    return out
+    chosen = encode_examples(tok, [p.prompt for p in pairs], [p.chosen for p in pairs], max_len)
+    rejected = encode_examples(tok, [p.prompt for p in pairs], [p.rejected for p in pairs], max_len)
+    return [(c, cm, r, rm) for (c, cm), (r, rm) in zip(chosen, rejected)]
 
 
 def collate_pairs(batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -140,7 +137,7 @@ def score_texts(stack: AdapterStack, tok: PreTrainedTokenizerFast, prompts: Sequ
     """RM scores of (prompt, response) pairs, in batches; responses get an EOS appended."""
     out = []
     for i in range(0, len(prompts), batch_size):
-        enc = [encode_example(tok, p, r, max_len) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        enc = encode_examples(tok, prompts[i:i + batch_size], responses[i:i + batch_size], max_len)
         ids, att, _ = pad_batch([e[0] for e in enc], [e[1] for e in enc], tok.pad_token_id)
         out.append(rm_score(stack, ids.to(stack.device), att.to(stack.device)).cpu())
     return torch.cat(out).numpy()

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from . import data as data_mod
-from .batching import encode_example, pad_batch
+from .batching import encode_examples, length_buckets, pad_batch
 from .evaluation import evaluate_gold, gold_of_responses
-from .models import TinyModelConfig, build_tiny_model
+from .models import TinyModelConfig, build_tiny_model, position_ids_from_mask
 from .tokenizer import load_tokenizer
-from .utils import DATA_DIR, MetricsLog, Stopwatch, progress, seed_everything, write_json
+from .utils import DATA_DIR, MetricsLog, Stopwatch, progress, quiet_hf_progress, seed_everything, write_json
 
 
 @dataclass(frozen=True)
@@ -80,21 +80,26 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def lm_loss(model: PreTrainedModel, ids: torch.Tensor, att: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose *target* has loss_mask 1. Shapes (B, T)."""
-    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
-    target = ids[:, 1:]
-    m = loss_mask[:, 1:].bool()
-    return F.cross_entropy(logits[m], target[m])
+def lm_loss(model: PreTrainedModel, ids: torch.Tensor, att: torch.Tensor, loss_mask: torch.Tensor,
+            rows_per_bucket: int | None = 32) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose *target* has loss_mask 1. Shapes (B, T).
+
+    The batch runs in length buckets (:func:`length_buckets`): the same loss, on far fewer padded positions.
+    """
+    total, count = ids.new_zeros((), dtype=torch.float32), 0
+    for rows, lo, hi in length_buckets(att, rows_per_bucket):
+        b_ids, b_att = ids[rows, lo:hi], att[rows, lo:hi]
+        logits = model(input_ids=b_ids, attention_mask=b_att, position_ids=position_ids_from_mask(b_att)).logits
+        m = loss_mask[rows, lo + 1:hi].bool()
+        total = total + F.cross_entropy(logits[:, :-1][m].float(), b_ids[:, 1:][m], reduction="sum")
+        count += int(m.sum())
+    return total / max(count, 1)
 
 
 def _encode_all(tok: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]], max_len: int, response_only: bool
                 ) -> list[tuple[list[int], list[int]]]:
-    out = []
-    for prompt, response in pairs:
-        ids, m = encode_example(tok, prompt, response, max_len)
-        out.append((ids, m if response_only else [1] * len(ids)))
-    return out
+    enc = encode_examples(tok, [p for p, _ in pairs], [r for _, r in pairs], max_len)
+    return enc if response_only else [(ids, [1] * len(ids)) for ids, _ in enc]
 
 
 def _train_phase(
@@ -158,8 +163,11 @@ def train_sft(out_dir: str | Path, cfg: SFTConfig | None = None, data_dir: str |
 
     log = MetricsLog(out / "metrics.jsonl")
 
+    last_eval = {}  # phase -> its final evaluation, reused for the summary (no second sampling pass)
+
     def gold(phase: str, step: int) -> float:
         ev = evaluate_gold(model, tok, test_prompts, cfg.max_new_tokens)
+        last_eval[phase] = ev
         mean_len = sum(ev.lengths) / len(ev.lengths)
         log.log({"phase": phase, "step": step, "gold_score": ev.score, "response_length": mean_len,
                  **{f"gold/{k}": v for k, v in ev.report.items() if k not in ("overall", "n")}})
@@ -170,10 +178,10 @@ def train_sft(out_dir: str | Path, cfg: SFTConfig | None = None, data_dir: str |
     _train_phase(model, pretrain, cfg.pretrain_steps, cfg, tok.pad_token_id, rng, log, "pretrain", 0, gold)
     model.save_pretrained(out / "pretrained")
     tok.save_pretrained(out / "pretrained")
-    pretrained_eval = evaluate_gold(model, tok, test_prompts, cfg.max_new_tokens)
+    pretrained_eval = last_eval.get("pretrain") or evaluate_gold(model, tok, test_prompts, cfg.max_new_tokens)
     _train_phase(model, demos, cfg.sft_steps, cfg, tok.pad_token_id, rng, log, "sft", cfg.pretrain_steps, gold)
     model.eval()
-    after = evaluate_gold(model, tok, test_prompts, cfg.max_new_tokens)
+    after = last_eval.get("sft") or evaluate_gold(model, tok, test_prompts, cfg.max_new_tokens)
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
     log.close()
@@ -208,6 +216,7 @@ def load_sft_model(sft_dir: str | Path, which: str = "model") -> tuple[PreTraine
     path = Path(sft_dir) / which
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no model: run `python -m rlhf_lite sft --out {sft_dir}` first")
+    quiet_hf_progress()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), load_tokenizer(path / "tokenizer.json")
 
 

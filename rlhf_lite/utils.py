@@ -102,10 +102,21 @@ class Stopwatch:
         return time.perf_counter() - self.start
 
 
+def quiet_hf_progress() -> bool:
+    """True when RLHF_LITE_PROGRESS=0; then transformers' own bars ("Loading weights", "Writing model
+    shards") are switched off too. Called by ``progress`` and before every model load."""
+    disable = os.environ.get("RLHF_LITE_PROGRESS", "1") == "0"
+    if disable:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return disable
+
+
 def progress(iterable, desc: str, **kwargs):
     """A tqdm progress bar, off when RLHF_LITE_PROGRESS=0 (the committed notebooks set it, to keep their
     stored outputs short)."""
     from tqdm.auto import tqdm
 
-    disable = os.environ.get("RLHF_LITE_PROGRESS", "1") == "0"
+    disable = quiet_hf_progress()
     return tqdm(iterable, desc=desc, leave=False, disable=disable, dynamic_ncols=True, **kwargs)

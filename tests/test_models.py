@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlhf_lite.batching import length_buckets
 from rlhf_lite.models import (
     AdapterStack,
     LoraSettings,
@@ -96,6 +97,44 @@ def test_left_padding_does_not_change_outputs() -> None:
         plain = stack.logits("policy", ids, torch.ones_like(ids))
         left = stack.logits("policy", padded, att)[:, 4:]
     torch.testing.assert_close(left, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_length_buckets_group_by_span_and_trim_padding() -> None:
+    att = torch.zeros(5, 10, dtype=torch.long)
+    for row, (lo, hi) in enumerate([(0, 9), (0, 3), (2, 10), (0, 4), (5, 8)]):
+        att[row, lo:hi] = 1
+    # spans 9, 3, 8, 4, 3 -> stable order by span: rows 1, 4, 3, 2, 0
+    buckets = length_buckets(att, rows_per_bucket=2)
+    assert [b[0].tolist() for b in buckets] == [[1, 4], [3, 2], [0]]
+    assert [(b[1], b[2]) for b in buckets] == [(0, 8), (0, 10), (0, 9)]
+    (rows, lo, hi), = length_buckets(att[[1, 3]], rows_per_bucket=None)  # one bucket, still trimmed
+    assert rows.tolist() == [0, 1] and (lo, hi) == (0, 4)
+
+
+def test_bucketed_forward_equals_one_padded_pass() -> None:
+    """Length buckets change the cost of a pass, not its values or gradients at real tokens."""
+    stack = AdapterStack(_base(), ["critic"], LORA)
+    _randomize_adapters(stack)
+    stack.double()  # float64, so that any difference is a real one rather than summation order
+    g = torch.Generator().manual_seed(3)
+    B, T = 9, 14
+    ids = torch.randint(3, 50, (B, T), generator=g)
+    att = torch.zeros(B, T, dtype=torch.long)
+    for row in range(B):  # mixed left and right padding, as in PPO rollouts
+        lo = int(torch.randint(0, 4, (1,), generator=g))
+        hi = int(torch.randint(lo + 2, T + 1, (1,), generator=g))
+        att[row, lo:hi] = 1
+    results = []
+    for rows in (None, 2):
+        stack.bucket_rows = rows
+        stack.zero_grad()
+        values = stack.values("critic", ids, att)
+        (values * att).sum().backward()
+        grads = [p.grad.clone() for p in stack.adapter_parameters("critic")]
+        results.append((values * att, grads))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-10, rtol=1e-9)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
 
 
 @pytest.fixture(scope="module")

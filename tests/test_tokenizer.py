@@ -93,3 +93,15 @@ def test_training_is_deterministic_and_saves(tmp_path: Path) -> None:
     assert load_tokenizer(tmp_path).get_vocab() == a.get_vocab()
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_batched_encoding_equals_one_by_one() -> None:
+    from rlhf_lite.batching import encode_example, encode_examples
+
+    tok = load_tokenizer(DATA / "tokenizer.json")
+    rows = [json.loads(line) for line in (DATA / "sft.jsonl").read_text().splitlines()[:50]]
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    assert encode_examples(tok, prompts, responses, 128) == [
+        encode_example(tok, p, r, 128) for p, r in zip(prompts, responses)]
+    with pytest.raises(ValueError, match="exceeds the context of 20"):
+        encode_examples(tok, prompts, responses, 20)

@@ -276,3 +276,17 @@ def test_world_vocabulary_and_fillers() -> None:
     filler_words = {x for f in FILLERS for x in f.split()}
     for task in world._world()[0].values():
         assert not filler_words & (task.competitors | set(task.answer)), task.question
+
+
+def test_gold_eval_samples_spread_over_categories() -> None:
+    from rlhf_lite.evaluation import GoldEval
+
+    rows = [json.loads(line) for line in (Path(__file__).resolve().parents[1] / "data" / "prompts_test.jsonl")
+            .read_text().splitlines()]
+    prompts = [r["prompt"] for r in rows]
+    ev = GoldEval(report={"overall": 0.0}, prompts=prompts, responses=[" ok ."] * len(prompts),
+                  finished=[True] * len(prompts), lengths=[3] * len(prompts))
+    picked = [s["category"] for s in ev.samples(len(world.CATEGORIES))]
+    assert sorted(picked) == sorted(world.CATEGORIES)  # one of each, although the first prompts share one
+    assert len({world.category_of(p) for p in prompts[:len(world.CATEGORIES)]}) == 1
+    assert [s["prompt"] for s in ev.samples(len(prompts))] == [world.last_human_turn(p) for p in prompts]

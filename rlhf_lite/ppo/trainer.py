@@ -40,7 +40,7 @@ from transformers import PreTrainedTokenizerFast
 
 from .. import data as data_mod
 from .. import world
-from ..batching import encode_example, last_token_index, pad_batch
+from ..batching import encode_examples, last_token_index, pad_batch
 from ..evaluation import evaluate_gold
 from ..generation import Rollout, decode_responses, encode_prompts, sample
 from ..models import AdapterStack, LoraSettings
@@ -228,7 +228,7 @@ def build_setup(cfg: PPOConfig, sft_dir: str | Path, rm_dir: str | Path, data_di
         rm_stack.eval()
     if cfg.critic_init == "rm":
         stack.copy_adapter("reward", "critic")
-    sft_examples = [encode_example(tok, r["prompt"], r["response"], context) for r in sft_rows]
+    sft_examples = encode_examples(tok, [r["prompt"] for r in sft_rows], [r["response"] for r in sft_rows], context)
     return PPOSetup(stack, tok, train, test, sft_examples, rm_stack)
 
 
