@@ -175,6 +175,8 @@ class AdapterStack(nn.Module):
         self.adapter_names = list(adapters)
         self.bucket_rows: int | None = 32
         """Rows per length bucket in forward passes (see :func:`length_buckets`); None: one bucket."""
+        self.merge_for_inference = True
+        """Run no-grad passes of an adapter on merged weights (see :meth:`merged`)."""
         lcfg = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules), bias="none",
@@ -195,6 +197,12 @@ class AdapterStack(nn.Module):
         for n, p in self.peft.named_parameters():
             p.requires_grad_("lora_" in n)
         self.heads.to(next(base.parameters()).device)
+        from peft.tuners.lora import LoraLayer
+
+        # Each LoRA layer with the name of its base weight under the trunk (base_model.model).
+        self._lora_layers = [(f"{n}.base_layer.weight", m) for n, m in self.base_model.model.named_modules()
+                             if isinstance(m, LoraLayer)]
+        self._lora_params = [p for n, p in self.peft.named_parameters() if "lora_" in n]
 
     # ----- plumbing -------------------------------------------------------------------------------
     @property
@@ -213,11 +221,14 @@ class AdapterStack(nn.Module):
         if name not in self.adapter_names:
             raise KeyError(f"unknown adapter {name!r}; this stack has {self.adapter_names}")
         self.peft.set_adapter(name)
-        # set_adapter switches requires_grad off on the other adapters: switch ours back on.
-        for n, p in self.peft.named_parameters():
-            if "lora_" in n:
-                p.requires_grad_(True)
+        self._lora_trainable()
         return contextlib.nullcontext()
+
+    def _lora_trainable(self) -> None:
+        # peft's set_adapter (also run when disable_adapter ends) switches requires_grad off on the
+        # other adapters: we decide trainability ourselves, by optimizer groups.
+        for p in self._lora_params:
+            p.requires_grad_(True)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """The trainable parameters belonging to adapter ``name`` (its LoRA matrices and head)."""
@@ -226,23 +237,92 @@ class AdapterStack(nn.Module):
             params += list(self.heads[name].parameters())
         return params
 
+    def mergeable(self) -> bool:
+        """Whether adapters can be folded into the base weights: float weights, not 4-bit ones."""
+        return self.merge_for_inference and all(
+            layer.get_base_layer().weight.dtype.is_floating_point for _, layer in self._lora_layers)
+
+    def merged_weights(self, name: str) -> dict[str, torch.Tensor]:
+        """``W + s B A`` of adapter ``name`` for every LoRA layer, keyed by the base weight's name under the
+        trunk (``base_model.model``); differentiable in A and B when gradients are on."""
+        if name not in self.adapter_names:
+            raise KeyError(f"unknown adapter {name!r}; this stack has {self.adapter_names}")
+        out = {}
+        for key, layer in self._lora_layers:
+            weight = layer.get_base_layer().weight
+            out[key] = weight + layer.get_delta_weight(name).to(weight.dtype)
+        return out
+
+    @contextlib.contextmanager
+    def merged(self, name: str | None) -> Iterator[None]:
+        """No-grad context in which the base computes as adapter ``name``, its LoRA update folded in.
+
+        A LoRA layer computes ``W x + s B (A x)``: four extra ops per layer on activations, which on a small
+        model cost more than the base matmul itself. Here each base weight is swapped for ``W + s B A``
+        for the duration and the adapters are disabled: the same function up to float rounding, at the
+        cost of the base alone. The original weight tensors are put back untouched, so the reference
+        model (adapters disabled) stays bit-exact. Used for sampling; :meth:`hidden` does the same per
+        call, with gradients too. A 4-bit base cannot hold merged weights: there this is :meth:`activate`.
+        """
+        if torch.is_grad_enabled():
+            raise RuntimeError("AdapterStack.merged is for no-grad passes: gradients would not reach the adapter")
+        if name is None or not self.mergeable():
+            with self.activate(name):
+                yield
+            return
+        weights = self.merged_weights(name)
+        originals = []
+        try:
+            for key, layer in self._lora_layers:
+                base = layer.get_base_layer()
+                originals.append((base, base.weight))
+                base.weight = nn.Parameter(weights[key], requires_grad=False)
+            with self.peft.disable_adapter():
+                yield
+        finally:
+            for base, weight in originals:
+                base.weight = weight
+
     # ----- forward passes -------------------------------------------------------------------------
     def hidden(self, name: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states (B, T, H) with adapter ``name`` active."""
+        """Last hidden states (B, T, H) with adapter ``name`` active (``None``: adapters disabled).
+
+        On a float base the adapter runs as merged weights ``W + s B A`` (see :meth:`merged`), with
+        gradients flowing to A and B through the merge: the same function and gradients as peft's
+        layer-by-layer LoRA, with a quarter of the ops on activations. Rows run in length buckets.
+        """
         B, T = input_ids.shape
         buckets = length_buckets(attention_mask, self.bucket_rows)
-        with self.activate(name):
-            out: torch.Tensor | None = None
-            for rows, lo, hi in buckets:
-                ids, att = input_ids[rows, lo:hi], attention_mask[rows, lo:hi]
-                h = self.base_model.model(input_ids=ids, attention_mask=att,
-                                          position_ids=position_ids_from_mask(att)).last_hidden_state
-                if len(buckets) == 1 and (lo, hi) == (0, T):
-                    return h
-                if out is None:  # padded positions stay 0: every consumer masks them
-                    out = h.new_zeros(B, T, h.shape[-1])
-                out[rows, lo:hi] = h
-        return out
+        trunk = self.base_model.model
+        if name is not None and self.mergeable():
+            self._lora_trainable()
+            weights = self.merged_weights(name)
+            context = self.peft.disable_adapter()
+
+            def run(ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+                kwargs = {"input_ids": ids, "attention_mask": att, "position_ids": position_ids_from_mask(att)}
+                return torch.func.functional_call(trunk, weights, (), kwargs).last_hidden_state
+        else:
+            context = self.activate(name)
+
+            def run(ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+                return trunk(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att)
+                             ).last_hidden_state
+        out: torch.Tensor | None = None
+        try:
+            with context:
+                for rows, lo, hi in buckets:
+                    h = run(input_ids[rows, lo:hi], attention_mask[rows, lo:hi])
+                    if len(buckets) == 1 and (lo, hi) == (0, T):
+                        return h
+                    if out is None:  # padded positions stay 0: every consumer masks them
+                        out = h.new_zeros(B, T, h.shape[-1])
+                    out[rows, lo:hi] = h
+            return out
+        finally:
+            # Leaving disable_adapter re-runs peft's set_adapter, which clears requires_grad on the other
+            # adapters; autograd then drops their gradients at backward time. Switch them back on.
+            self._lora_trainable()
 
     def logits(self, name: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """LM logits (B, T, V) with adapter ``name`` (``None`` gives the reference model)."""

@@ -137,6 +137,53 @@ def test_bucketed_forward_equals_one_padded_pass() -> None:
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
 
 
+def test_merged_inference_equals_adapter_pass_and_restores_the_base() -> None:
+    stack = AdapterStack(_base(), ["policy", "critic"], LORA)
+    _randomize_adapters(stack)
+    ids, att = _batch(B=4, T=9)
+    weights = {n: p for n, p in stack.peft.named_parameters() if "base_layer" in n}
+    before = {n: p.detach().clone() for n, p in weights.items()}
+    stack.merge_for_inference = False
+    with torch.no_grad():
+        plain = stack.values("critic", ids, att), stack.logits("policy", ids, att)
+    stack.merge_for_inference = True
+    with torch.no_grad():
+        merged = stack.values("critic", ids, att), stack.logits("policy", ids, att)
+        with stack.merged("policy"):  # the context the sampler runs in
+            direct = stack.base_model(input_ids=ids, attention_mask=att).logits
+    torch.testing.assert_close(merged[0], plain[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(merged[1], plain[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(direct, stack.logits("policy", ids, att).detach(), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain[1], stack.logits(None, ids, att).detach(), atol=1e-3)  # the adapter matters
+    after = {n: p for n, p in stack.peft.named_parameters() if "base_layer" in n}
+    assert all(after[n] is weights[n] and torch.equal(after[n], before[n]) for n in weights)  # bit-exact base
+    with pytest.raises(RuntimeError, match="no-grad"), stack.merged("policy"):
+        pass
+
+
+def test_merged_training_pass_gives_peft_gradients() -> None:
+    """With gradients on, adapters run as W + s B A inside autograd: same values and gradients as peft's
+    layer-by-layer LoRA, for every adapter, also after a reference pass (peft's disable_adapter)."""
+    stack = AdapterStack(_base(), ["policy", "critic"], LORA)
+    _randomize_adapters(stack)
+    stack.double()
+    ids, att = _batch(B=4, T=9)
+    results = {}
+    for merge in (False, True):
+        stack.merge_for_inference = merge
+        stack.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            stack.logits(None, ids, att)  # a reference pass in between must not switch gradients off
+        loss = stack.logits("policy", ids, att).pow(2).mean() + stack.values("critic", ids, att).sum()
+        loss.backward()
+        results[merge] = loss.detach(), {n: p.grad.clone() for n, p in stack.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(results[True][0], results[False][0])
+    assert results[True][1].keys() == results[False][1].keys()
+    assert len(results[True][1]) == len(stack.adapter_parameters("policy")) + len(stack.adapter_parameters("critic"))
+    for n, g in results[False][1].items():
+        torch.testing.assert_close(results[True][1][n], g, msg=n)
+
+
 @pytest.fixture(scope="module")
 def four_bit_dir(tmp_path_factory):
     pytest.importorskip("bitsandbytes")
@@ -170,6 +217,10 @@ def test_four_bit_lora_two_adapters_forward_backward_generate(four_bit_dir) -> N
     assert all(p.grad is None for p in stack.adapter_parameters("critic"))
     stack.values("critic", ids, att).sum().backward()
     assert all(p.grad is not None for p in stack.adapter_parameters("critic"))
+    # A 4-bit base cannot hold merged weights: no-grad adapter passes run unmerged there.
+    assert not stack.mergeable()
+    with torch.no_grad():
+        torch.testing.assert_close(stack.logits("policy", ids, att), logits.detach())
 
 
 def test_four_bit_disabled_adapters_equal_four_bit_base(four_bit_dir) -> None:

@@ -216,6 +216,21 @@ def test_logprobs_from_logits_gradient_matches():
     torch.testing.assert_close(grad, ref)
 
 
+def test_log_softmax_helpers_agree_across_chunk_sizes(monkeypatch):
+    """Chunking bounds memory; with chunks of 1 or 2 rows the values are those of one pass."""
+    import rlhf_lite.ppo.core as core_mod
+
+    g = _gen(8)
+    logits = torch.randn(5, 3, 6, generator=g, dtype=DT)
+    labels = torch.randint(0, 6, (5, 3), generator=g)
+    whole = logprobs_from_logits(logits, labels), entropy_from_logits(logits)
+    for rows in (1, 2):
+        monkeypatch.setattr(core_mod, "CHUNK_ELEMENTS", rows * 3 * 6)
+        assert len(core_mod._row_chunks(logits)) == -(-5 // rows)
+        torch.testing.assert_close(logprobs_from_logits(logits, labels), whole[0])
+        torch.testing.assert_close(entropy_from_logits(logits), whole[1])
+
+
 def test_entropy_from_logits_vs_categorical():
     g = _gen(7)
     logits = torch.randn(3, 4, 9, generator=g, dtype=DT) * 2

@@ -122,37 +122,50 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+CHUNK_ELEMENTS = 1 << 23
+"""Logits elements (8M: 32 MB in float32) processed at once by the log-softmax helpers below."""
+
+
+def _row_chunks(logits: Tensor) -> list[slice]:
+    """Slices over the B rows of (B, T, V) logits, as many rows per slice as fit :data:`CHUNK_ELEMENTS`."""
+    B = logits.shape[0]
+    per_row = max(1, logits[0].numel()) if B else 1
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    return [slice(i, i + step) for i in range(0, B, step)]
+
+
 def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """Log-probability of each label under its logits: log softmax(logits)[..., label].
 
     logits: (B, T, V); labels: (B, T) int64 -> (B, T), in at least float32. Computed as
-    logit[label] - logsumexp(logits) one row at a time, so the extra memory is (T, V) rather than a
-    full (B, T, V) log-softmax copy (same idea as TRL's ``selective_log_softmax``).
+    logit[label] - logsumexp(logits) over chunks of rows, so the extra memory is bounded by
+    :data:`CHUNK_ELEMENTS` rather than a full (B, T, V) log-softmax copy with a real vocabulary (the idea of
+    TRL's ``selective_log_softmax``); a tiny vocabulary fits one chunk, which keeps the op count low on CPU.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (B, T).")
     dtype = _compute_dtype(logits.dtype)
-    rows = []
-    for row_logits, row_labels in zip(logits, labels, strict=True):  # row_logits: (T, V)
-        row_logits = row_logits.to(dtype)
-        picked = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)  # (T,)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(rows)
+    parts = []
+    for sl in _row_chunks(logits):
+        chunk = logits[sl].to(dtype)  # (b, T, V)
+        picked = chunk.gather(-1, labels[sl].unsqueeze(-1)).squeeze(-1)  # (b, T)
+        parts.append(picked - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(parts) if parts else logits.new_zeros(labels.shape, dtype=dtype)
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of the categorical given by ``logits``: H = -sum_v p_v log p_v.
 
-    logits: (B, T, V) -> (B, T), in at least float32. Rows are processed one at a time to bound memory.
+    logits: (B, T, V) -> (B, T), in at least float32, over chunks of rows (see :func:`logprobs_from_logits`).
     Logits of -inf (p = 0) contribute 0.
     """
     dtype = _compute_dtype(logits.dtype)
-    rows = []
-    for row_logits in logits:  # (T, V)
-        logp = torch.log_softmax(row_logits.to(dtype), dim=-1)
+    parts = []
+    for sl in _row_chunks(logits):
+        logp = torch.log_softmax(logits[sl].to(dtype), dim=-1)
         # clamp turns -inf into a finite number so that 0 * log 0 gives 0 instead of NaN.
-        rows.append(-(logp.exp() * logp.clamp_min(torch.finfo(dtype).min)).sum(-1))
-    return torch.stack(rows)
+        parts.append(-(logp.exp() * logp.clamp_min(torch.finfo(dtype).min)).sum(-1))
+    return torch.cat(parts) if parts else logits.new_zeros(logits.shape[:-1], dtype=dtype)
 
 
 def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:

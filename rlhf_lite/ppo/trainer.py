@@ -265,7 +265,7 @@ class PPOTrainer:
     def rollout(self, prompts: Sequence[str]) -> Rollout:
         ids, att = encode_prompts(self.tok, prompts, self.device)
         self.stack.eval()
-        with self.stack.activate("policy"):
+        with torch.no_grad(), self.stack.merged("policy"):
             return sample(self.stack.base_model, ids, att, self.cfg.max_new_tokens, self.tok.eos_token_id,
                           self.tok.pad_token_id, self.cfg.temperature, self.cfg.top_p, self.gen)
 
@@ -423,7 +423,7 @@ class PPOTrainer:
         """The common gold measurement on the test prompts ({} when there is no gold judge)."""
         if self.setup.gold_fn is None:
             return {}
-        with self.stack.activate("policy"):
+        with torch.no_grad(), self.stack.merged("policy"):
             ev = evaluate_gold(self.stack.base_model, self.tok, self.setup.test_prompts, self.cfg.max_new_tokens,
                                device=self.device)
         return {"gold_score": ev.score, "eval_response_length": float(np.mean(ev.lengths)),
