@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -181,7 +182,9 @@ class AdapterStack(nn.Module):
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules), bias="none",
         )
-        self.peft = get_peft_model(base, lcfg, adapter_name=self.adapter_names[0])
+        with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 property deprecated in favour of another
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self.peft = get_peft_model(base, lcfg, adapter_name=self.adapter_names[0])
         for name in self.adapter_names[1:]:
             self.peft.add_adapter(name, lcfg)
         hidden = base.config.hidden_size

@@ -32,7 +32,7 @@ from .models import (
     load_causal_lm,
     pick_compute_dtype,
 )
-from .utils import DATA_DIR, REPO_ROOT, pick_device
+from .utils import DATA_DIR, REPO_ROOT, pick_device, seed_everything
 
 GIB = 1024**3
 
@@ -255,13 +255,15 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def load_gpu_stack(profile: GPUProfile, adapters: Sequence[str] = ("policy", "critic", "reward"),
-                   device: str | torch.device | None = None) -> tuple[AdapterStack, PreTrainedTokenizerBase]:
+                   device: str | torch.device | None = None, seed: int = 0
+                   ) -> tuple[AdapterStack, PreTrainedTokenizerBase]:
     """Load ``profile``'s model as a 4-bit base with the named LoRA adapters, and its tokenizer.
 
     The compute dtype comes from :func:`pick_compute_dtype` (fp32 on the CPU); gradient checkpointing is
     the non-reentrant kind. Unlike ``peft.prepare_model_for_kbit_training``, nothing is upcast to fp32: that
     would add 2 bytes per embedding and LM-head parameter (2.2 GB on a 7B Qwen). LoRA weights are fp32
-    (peft's default). Raises ValueError if the model is bigger than ``profile.max_params``.
+    (peft's default). Raises ValueError if the model is bigger than ``profile.max_params``. ``seed`` seeds
+    the adapters' initialization, so a run does not depend on what the process did before.
     """
     profile.validate()
     device = pick_device(str(device) if device is not None else None)
@@ -275,6 +277,7 @@ def load_gpu_stack(profile: GPUProfile, adapters: Sequence[str] = ("policy", "cr
     if profile.gradient_checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False  # scoring and training passes need no KV cache; the sampler asks for one
+    seed_everything(seed)
     return AdapterStack(base, list(adapters), profile.lora), tok
 
 

@@ -213,6 +213,20 @@ def test_build_setup_accepts_matching_folders(folders) -> None:
     assert setup.stack.adapter_names == ["policy", "critic", "reward"]
 
 
+def test_fresh_adapters_do_not_depend_on_the_process_history(folders) -> None:
+    """The same seed gives the same run in a fresh process and after other work (the pipeline trains
+    SFT and RM first, a notebook kernel runs other cells): adapter initialization is seeded."""
+    first = build_setup(CFG, *folders, n_test_prompts=4).stack
+    torch.manual_seed(12345)
+    torch.rand(1000)  # other work moves torch's global RNG
+    second = build_setup(CFG, *folders, n_test_prompts=4).stack
+    for name in ("policy", "critic"):
+        a, b = first.adapter_state(name), second.adapter_state(name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    other = build_setup(replace(CFG, seed=1), *folders, n_test_prompts=4).stack
+    assert not all(torch.equal(first.adapter_state("policy")[k], v) for k, v in other.adapter_state("policy").items())
+
+
 def test_rm_trained_on_another_sft_model_is_refused(folders, tmp_path: Path, monkeypatch) -> None:
     sft, rm = folders
     _write_sft(tmp_path / "other_sft", seed=1)

@@ -216,6 +216,9 @@ def build_setup(cfg: PPOConfig, sft_dir: str | Path, rm_dir: str | Path, data_di
         raise ValueError(f"PPOConfig.max_new_tokens ({cfg.max_new_tokens}) plus the longest prompt in {data_dir} "
                          f"({longest} tokens) exceeds the model's context length ({context})")
 
+    # Fresh adapters draw their initial A matrices from torch's global RNG: seed it here, or the run
+    # would depend on whatever the process did before (the pipeline trains SFT and RM first).
+    seed_everything(cfg.seed)
     base = load_sft_model(sft_dir, which)[0]
     stack = AdapterStack(base, ["policy", "critic", "reward"], lora)
     stack.load_adapter("reward", rm_dir / "adapter")
