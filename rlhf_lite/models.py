@@ -176,8 +176,8 @@ class AdapterStack(nn.Module):
         self.adapter_names = list(adapters)
         self.bucket_rows: int | None = 32
         """Rows per length bucket in forward passes (see :func:`length_buckets`); None: one bucket."""
-        self.merge_for_inference = True
-        """Run no-grad passes of an adapter on merged weights (see :meth:`merged`)."""
+        self.merge_adapters = True
+        """Run adapter passes on merged weights ``W + s B A`` where the base allows it (see :meth:`merged`)."""
         lcfg = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules), bias="none",
@@ -220,7 +220,7 @@ class AdapterStack(nn.Module):
     def activate(self, name: str | None) -> contextlib.AbstractContextManager:
         """Context in which adapter ``name`` is active (``None``: all adapters disabled)."""
         if name is None:
-            return self.peft.disable_adapter()
+            return self._adapters_off()
         if name not in self.adapter_names:
             raise KeyError(f"unknown adapter {name!r}; this stack has {self.adapter_names}")
         self.peft.set_adapter(name)
@@ -229,9 +229,18 @@ class AdapterStack(nn.Module):
 
     def _lora_trainable(self) -> None:
         # peft's set_adapter (also run when disable_adapter ends) switches requires_grad off on the
-        # other adapters: we decide trainability ourselves, by optimizer groups.
+        # other adapters, and autograd then drops their gradients: we decide trainability ourselves.
         for p in self._lora_params:
             p.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def _adapters_off(self) -> Iterator[None]:
+        """peft's ``disable_adapter``, leaving every adapter trainable afterwards (see ``_lora_trainable``)."""
+        try:
+            with self.peft.disable_adapter():
+                yield
+        finally:
+            self._lora_trainable()
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """The trainable parameters belonging to adapter ``name`` (its LoRA matrices and head)."""
@@ -242,7 +251,7 @@ class AdapterStack(nn.Module):
 
     def mergeable(self) -> bool:
         """Whether adapters can be folded into the base weights: float weights, not 4-bit ones."""
-        return self.merge_for_inference and all(
+        return self.merge_adapters and all(
             layer.get_base_layer().weight.dtype.is_floating_point for _, layer in self._lora_layers)
 
     def merged_weights(self, name: str) -> dict[str, torch.Tensor]:
@@ -280,7 +289,7 @@ class AdapterStack(nn.Module):
                 base = layer.get_base_layer()
                 originals.append((base, base.weight))
                 base.weight = nn.Parameter(weights[key], requires_grad=False)
-            with self.peft.disable_adapter():
+            with self._adapters_off():
                 yield
         finally:
             for base, weight in originals:
@@ -298,9 +307,8 @@ class AdapterStack(nn.Module):
         buckets = length_buckets(attention_mask, self.bucket_rows)
         trunk = self.base_model.model
         if name is not None and self.mergeable():
-            self._lora_trainable()
             weights = self.merged_weights(name)
-            context = self.peft.disable_adapter()
+            context = self._adapters_off()
 
             def run(ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
                 kwargs = {"input_ids": ids, "attention_mask": att, "position_ids": position_ids_from_mask(att)}
@@ -312,20 +320,15 @@ class AdapterStack(nn.Module):
                 return trunk(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att)
                              ).last_hidden_state
         out: torch.Tensor | None = None
-        try:
-            with context:
-                for rows, lo, hi in buckets:
-                    h = run(input_ids[rows, lo:hi], attention_mask[rows, lo:hi])
-                    if len(buckets) == 1 and (lo, hi) == (0, T):
-                        return h
-                    if out is None:  # padded positions stay 0: every consumer masks them
-                        out = h.new_zeros(B, T, h.shape[-1])
-                    out[rows, lo:hi] = h
-            return out
-        finally:
-            # Leaving disable_adapter re-runs peft's set_adapter, which clears requires_grad on the other
-            # adapters; autograd then drops their gradients at backward time. Switch them back on.
-            self._lora_trainable()
+        with context:
+            for rows, lo, hi in buckets:
+                h = run(input_ids[rows, lo:hi], attention_mask[rows, lo:hi])
+                if len(buckets) == 1 and (lo, hi) == (0, T):
+                    return h
+                if out is None:  # padded positions stay 0: every consumer masks them
+                    out = h.new_zeros(B, T, h.shape[-1])
+                out[rows, lo:hi] = h
+        return out
 
     def logits(self, name: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """LM logits (B, T, V) with adapter ``name`` (``None`` gives the reference model)."""

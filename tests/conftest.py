@@ -25,14 +25,19 @@ def make_stack(adapters=("policy", "critic", "reward"), seed: int = 0, randomize
     base = build_tiny_model(vocab, PAD, EOS, SMALL, seed)
     stack = AdapterStack(base, list(adapters), SMALL_LORA)
     if randomize:
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for n, p in stack.peft.named_parameters():
-                if "lora_" in n:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            for head in stack.heads.values():
-                head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.3)
+        randomize_adapters(stack, seed + 1, head_scale=0.3)
     return stack.eval()
+
+
+def randomize_adapters(stack: AdapterStack, seed: int = 1, head_scale: float = 1.0) -> None:
+    """Random LoRA matrices (scale 0.1) and head weights (scale ``head_scale``), so that adapters matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in stack.peft.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for head in stack.heads.values():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * head_scale)
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from rlhf_lite.profiles import (
     resolve_optimizer,
     save_tiny_llama,
 )
+from tests.conftest import randomize_adapters
 
 # Real HH-RLHF rows (format of Anthropic/hh-rlhf): multi-turn, a response quoting "Human:", and rows the
 # strict loader rejects: a missing final "Assistant:" turn and an empty final response.
@@ -205,16 +206,6 @@ def smoke_profile(tmp_path_factory):
     return replace(CPU_SMOKE, model_name=str(folder), lora=LoraSettings(r=4, alpha=8))
 
 
-def _randomize(stack, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in stack.peft.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        for head in stack.heads.values():
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g))
-
-
 def test_load_gpu_stack_cpu_forward_backward_generate(smoke_profile, world_tok) -> None:
     import bitsandbytes as bnb
 
@@ -228,7 +219,7 @@ def test_load_gpu_stack_cpu_forward_backward_generate(smoke_profile, world_tok) 
     assert count_parameters(stack.base_model) - lora \
         == ModelArch.from_config(stack.base_model.config).total_params
     assert stack.base_model.model.layers[0].gradient_checkpointing
-    _randomize(stack)
+    randomize_adapters(stack)
     prompts = ["\n\nHuman: what is 2 plus 2 ?\n\nAssistant:", "\n\nHuman: hi\n\nAssistant:"]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     ids, att = enc["input_ids"], enc["attention_mask"]
@@ -258,7 +249,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(smoke_profile) -> None:
     grads = []
     for gc in (True, False):
         stack, _ = load_gpu_stack(replace(smoke_profile, gradient_checkpointing=gc))
-        _randomize(stack)
+        randomize_adapters(stack)
         stack.train()
         ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 5, 7, 9, 11]])
         att = (ids != 0).long()

@@ -14,6 +14,7 @@ from rlhf_lite.models import (
     guard_bnb_repack,
     load_causal_lm,
 )
+from tests.conftest import randomize_adapters
 
 LORA = LoraSettings(r=4, alpha=8)
 CFG = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_positions=64)
@@ -32,16 +33,6 @@ def _base(seed: int = 0):
     return build_tiny_model(vocab_size=50, pad_id=0, eos_id=1, cfg=CFG, seed=seed)
 
 
-def _randomize_adapters(stack: AdapterStack, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in stack.peft.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        for head in stack.heads.values():
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g))
-
-
 def test_disabled_adapters_equal_base_logits() -> None:
     base = _base()
     ids, att = _batch()
@@ -49,7 +40,7 @@ def test_disabled_adapters_equal_base_logits() -> None:
     with torch.no_grad():
         ref = base(input_ids=ids, attention_mask=att, position_ids=pos).logits
     stack = AdapterStack(base, ["policy", "critic"], LORA)
-    _randomize_adapters(stack)
+    randomize_adapters(stack)
     with torch.no_grad():
         disabled = stack.logits(None, ids, att)
         policy = stack.logits("policy", ids, att)
@@ -59,7 +50,7 @@ def test_disabled_adapters_equal_base_logits() -> None:
 
 def test_each_loss_trains_only_its_adapter() -> None:
     stack = AdapterStack(_base(), ["policy", "critic", "reward"], LORA)
-    _randomize_adapters(stack)
+    randomize_adapters(stack)
     ids, att = _batch()
     stack.values("critic", ids, att).sum().backward()
     for name in ("policy", "critic", "reward"):
@@ -73,7 +64,7 @@ def test_each_loss_trains_only_its_adapter() -> None:
 
 def test_copy_and_save_adapter_round_trip(tmp_path) -> None:
     stack = AdapterStack(_base(), ["critic", "reward"], LORA)
-    _randomize_adapters(stack)
+    randomize_adapters(stack)
     ids, att = _batch()
     stack.copy_adapter("reward", "critic")
     with torch.no_grad():
@@ -89,7 +80,7 @@ def test_copy_and_save_adapter_round_trip(tmp_path) -> None:
 
 def test_left_padding_does_not_change_outputs() -> None:
     stack = AdapterStack(_base(), ["policy"], LORA)
-    _randomize_adapters(stack)
+    randomize_adapters(stack)
     ids = torch.randint(3, 50, (1, 8))
     padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)
     att = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)], 1)
@@ -114,7 +105,7 @@ def test_length_buckets_group_by_span_and_trim_padding() -> None:
 def test_bucketed_forward_equals_one_padded_pass() -> None:
     """Length buckets change the cost of a pass, not its values or gradients at real tokens."""
     stack = AdapterStack(_base(), ["critic"], LORA)
-    _randomize_adapters(stack)
+    randomize_adapters(stack)
     stack.double()  # float64, so that any difference is a real one rather than summation order
     g = torch.Generator().manual_seed(3)
     B, T = 9, 14
@@ -139,14 +130,14 @@ def test_bucketed_forward_equals_one_padded_pass() -> None:
 
 def test_merged_inference_equals_adapter_pass_and_restores_the_base() -> None:
     stack = AdapterStack(_base(), ["policy", "critic"], LORA)
-    _randomize_adapters(stack)
+    randomize_adapters(stack)
     ids, att = _batch(B=4, T=9)
     weights = {n: p for n, p in stack.peft.named_parameters() if "base_layer" in n}
     before = {n: p.detach().clone() for n, p in weights.items()}
-    stack.merge_for_inference = False
+    stack.merge_adapters = False
     with torch.no_grad():
         plain = stack.values("critic", ids, att), stack.logits("policy", ids, att)
-    stack.merge_for_inference = True
+    stack.merge_adapters = True
     with torch.no_grad():
         merged = stack.values("critic", ids, att), stack.logits("policy", ids, att)
         with stack.merged("policy"):  # the context the sampler runs in
@@ -165,12 +156,12 @@ def test_merged_training_pass_gives_peft_gradients() -> None:
     """With gradients on, adapters run as W + s B A inside autograd: same values and gradients as peft's
     layer-by-layer LoRA, for every adapter, also after a reference pass (peft's disable_adapter)."""
     stack = AdapterStack(_base(), ["policy", "critic"], LORA)
-    _randomize_adapters(stack)
+    randomize_adapters(stack)
     stack.double()
     ids, att = _batch(B=4, T=9)
     results = {}
     for merge in (False, True):
-        stack.merge_for_inference = merge
+        stack.merge_adapters = merge
         stack.zero_grad(set_to_none=True)
         with torch.no_grad():
             stack.logits(None, ids, att)  # a reference pass in between must not switch gradients off
@@ -200,7 +191,7 @@ def test_four_bit_lora_two_adapters_forward_backward_generate(four_bit_dir) -> N
     assert layers, "the base was not quantized"
     assert all(m.support_avx512bf16_for_cpu is False for m in layers)  # the repack trap is guarded
     stack = AdapterStack(base, ["policy", "critic"], LORA)
-    _randomize_adapters(stack)
+    randomize_adapters(stack)
     ids, att = _batch()
     # The trap: an eval-mode, no-grad forward (like generation or reference logits) first...
     stack.eval()
@@ -230,7 +221,7 @@ def test_four_bit_disabled_adapters_equal_four_bit_base(four_bit_dir) -> None:
     with torch.no_grad():
         ref = base(input_ids=ids, attention_mask=att, position_ids=pos).logits
     stack = AdapterStack(base, ["policy", "reward"], LORA)
-    _randomize_adapters(stack)
+    randomize_adapters(stack)
     with torch.no_grad():
         torch.testing.assert_close(stack.logits(None, ids, att), ref)
 
