@@ -14,6 +14,7 @@ as the base *is* the SFT model. This is the arrangement both profiles use:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import warnings
 from collections.abc import Iterator, Sequence
@@ -23,9 +24,10 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from .batching import length_buckets
+from .batching import BUCKET_OVERHEAD, length_buckets
 from .utils import quiet_hf_progress
 
 ADAPTER_FILE = "adapter.pt"
@@ -143,6 +145,98 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+class _MergedLoraFn(torch.autograd.Function):
+    """``y = x (W + s B A)^T`` with the backward of a LoRA layer, not of a full weight (LoRA, Hu et al. 2021).
+
+    Autograd through the merged weight would form dL/dW (one more matmul as large as the forward's) and
+    only then reduce it to A and B. Here dA and dB come from rank-r products, as in a separate adapter
+    branch: the backward costs one full matmul (dL/dx) plus four thin ones.
+    Shapes: x (..., in), W (out, in), A (r, in), B (out, r).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        merged = torch.addmm(weight, lora_b.to(weight.dtype), lora_a.to(weight.dtype), alpha=scale)
+        ctx.save_for_backward(x, merged, lora_a, lora_b)
+        ctx.scale = scale
+        return F.linear(x, merged)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, merged, lora_a, lora_b = ctx.saved_tensors
+        grad_x = grad_out @ merged if ctx.needs_input_grad[0] else None
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        grad_b = (g2.t() @ (x2 @ a.t())).mul_(ctx.scale)  # (out, N) (N, r) -> (out, r)
+        grad_a = ((g2 @ b).t() @ x2).mul_(ctx.scale)  # (r, N) (N, in) -> (r, in)
+        return grad_x, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None
+
+
+class MergedLoraLinear(nn.Module):
+    """One adapter of a peft LoRA layer as a single linear map with weight ``W + s B A``.
+
+    Holds references (not copies) to the base layer and the adapter's A and B, so optimizer steps and
+    loaded states are seen at once. ``freeze``/``unfreeze`` hold a precomputed merged weight for a run
+    of no-grad calls (the sampler's one call per token); otherwise every call merges afresh.
+    """
+
+    def __init__(self, layer: nn.Module, name: str) -> None:
+        super().__init__()
+        # A tuple, not attributes: submodules here would repeat the base's parameters in the view.
+        self._parts = (layer.get_base_layer(), layer.lora_A[name], layer.lora_B[name])
+        self.scale = float(layer.scaling[name])
+        self._frozen: torch.Tensor | None = None
+        self._holds = 0
+
+    def merged_weight(self) -> torch.Tensor:
+        """``W + s B A`` (out, in), in the base weight's dtype; differentiable in A and B."""
+        base, a, b = self._parts
+        return base.weight + (self.scale * (b.weight @ a.weight)).to(base.weight.dtype)
+
+    def freeze(self) -> None:
+        if self._holds == 0:
+            with torch.no_grad():
+                self._frozen = self.merged_weight()
+        self._holds += 1
+
+    def unfreeze(self) -> None:
+        self._holds -= 1
+        if self._holds == 0:
+            self._frozen = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base, a, b = self._parts
+        if self._frozen is not None and not torch.is_grad_enabled():
+            y = F.linear(x, self._frozen)
+        elif torch.is_grad_enabled() and (a.weight.requires_grad or b.weight.requires_grad):
+            y = _MergedLoraFn.apply(x, base.weight, a.weight, b.weight, self.scale)
+        else:
+            y = F.linear(x, self.merged_weight())
+        return y if base.bias is None else y + base.bias
+
+
+def adapter_view(model: nn.Module, name: str | None) -> nn.Module:
+    """A copy of ``model`` (a peft-injected causal LM) that computes as adapter ``name`` with merged weights.
+
+    Only the modules on the way to a LoRA layer are copied (shallowly: they share their parameter and
+    buffer dicts with the original); every LoRA layer becomes a :class:`MergedLoraLinear` of adapter
+    ``name``, or its plain base layer for ``name=None`` (the reference model). Nothing is copied that
+    holds weights, so the view costs no memory and sees every update of the base and the adapters.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(model, LoraLayer):
+        return model.get_base_layer() if name is None else MergedLoraLinear(model, name)
+    if not any(isinstance(m, LoraLayer) for m in model.modules()):
+        return model  # shared as it is
+    view = copy.copy(model)
+    view._modules = {key: None if child is None else adapter_view(child, name)
+                     for key, child in model._modules.items()}
+    return view
+
+
 @dataclass
 class StackSpec:
     """What an :class:`AdapterStack` holds, saved next to its adapters."""
@@ -174,10 +268,13 @@ class AdapterStack(nn.Module):
             p.requires_grad_(False)
         self.lora = lora
         self.adapter_names = list(adapters)
-        self.bucket_rows: int | None = 32
-        """Rows per length bucket in forward passes (see :func:`length_buckets`); None: one bucket."""
+        self.bucket_overhead: int | None = BUCKET_OVERHEAD
+        """Length buckets of forward passes cut at the least cost with this fixed cost per pass (see
+        :func:`length_buckets`); None: buckets of ``bucket_rows`` rows."""
+        self.bucket_rows: int | None = None
+        """The most rows in one length bucket; None: no limit (with ``bucket_overhead`` None: one bucket)."""
         self.merge_adapters = True
-        """Run adapter passes on merged weights ``W + s B A`` where the base allows it (see :meth:`merged`)."""
+        """Run adapter passes on merged weights ``W + s B A`` where the base allows it (see :meth:`causal_lm`)."""
         lcfg = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules), bias="none",
@@ -202,9 +299,9 @@ class AdapterStack(nn.Module):
         self.heads.to(next(base.parameters()).device)
         from peft.tuners.lora import LoraLayer
 
-        # Each LoRA layer with the name of its base weight under the trunk (base_model.model).
-        self._lora_layers = [(f"{n}.base_layer.weight", m) for n, m in self.base_model.model.named_modules()
-                             if isinstance(m, LoraLayer)]
+        self._lora_layers = [m for m in self.base_model.modules() if isinstance(m, LoraLayer)]
+        self._views: dict[str | None, PreTrainedModel] = {}  # merged-weight models, see causal_lm
+        self._view_layers: dict[str | None, list[MergedLoraLinear]] = {}
         self._lora_params = [p for n, p in self.peft.named_parameters() if "lora_" in n]
 
     # ----- plumbing -------------------------------------------------------------------------------
@@ -250,81 +347,76 @@ class AdapterStack(nn.Module):
         return params
 
     def mergeable(self) -> bool:
-        """Whether adapters can be folded into the base weights: float weights, not 4-bit ones."""
-        return self.merge_adapters and all(
-            layer.get_base_layer().weight.dtype.is_floating_point for _, layer in self._lora_layers)
+        """Whether adapters can run as merged weights ``W + s B A`` (see :meth:`causal_lm`): float base
+        weights (not 4-bit ones) and no LoRA dropout (which only a separate adapter branch can apply)."""
+        return self.merge_adapters and self.lora.dropout == 0 and all(
+            layer.get_base_layer().weight.dtype.is_floating_point for layer in self._lora_layers)
 
-    def merged_weights(self, name: str) -> dict[str, torch.Tensor]:
-        """``W + s B A`` of adapter ``name`` for every LoRA layer, keyed by the base weight's name under the
-        trunk (``base_model.model``); differentiable in A and B when gradients are on."""
-        if name not in self.adapter_names:
+    def _view(self, name: str | None) -> PreTrainedModel:
+        """The merged-weight model of adapter ``name`` (``None``: the plain base), built on first use."""
+        if name is not None and name not in self.adapter_names:
             raise KeyError(f"unknown adapter {name!r}; this stack has {self.adapter_names}")
-        out = {}
-        for key, layer in self._lora_layers:
-            weight = layer.get_base_layer().weight
-            out[key] = weight + layer.get_delta_weight(name).to(weight.dtype)
-        return out
+        if name not in self._views:
+            view = adapter_view(self.base_model, name)
+            view.train(self.training)
+            self._views[name] = view
+            self._view_layers[name] = [m for m in view.modules() if isinstance(m, MergedLoraLinear)]
+        return self._views[name]
 
     @contextlib.contextmanager
-    def merged(self, name: str | None) -> Iterator[None]:
-        """No-grad context in which the base computes as adapter ``name``, its LoRA update folded in.
+    def causal_lm(self, name: str | None) -> Iterator[PreTrainedModel]:
+        """Context giving the causal LM that computes as adapter ``name`` (``None``: the reference model).
 
-        A LoRA layer computes ``W x + s B (A x)``: four extra ops per layer on activations, which on a small
-        model cost more than the base matmul itself. Here each base weight is swapped for ``W + s B A``
-        for the duration and the adapters are disabled: the same function up to float rounding, at the
-        cost of the base alone. The original weight tensors are put back untouched, so the reference
-        model (adapters disabled) stays bit-exact. Used for sampling; :meth:`hidden` does the same per
-        call, with gradients too. A 4-bit base cannot hold merged weights: there this is :meth:`activate`.
+        On a float base this is a merged-weight view (:func:`adapter_view`): the same modules and weight
+        tensors as the base, with each LoRA layer computing ``x (W + s B A)^T`` as one matmul instead of
+        peft's ``W x + s B (A x)`` (four extra ops on activations, which on a small model cost more than
+        the base matmul itself). It changes no shared state, so passes of different adapters may run in
+        different threads at once. In a no-grad context the merged weights are computed once on entry
+        and dropped on exit (sampling calls the model once per token); with gradients on they are
+        recomputed in every pass and gradients reach A and B. The base tensors are never modified, so the
+        reference model stays bit-exact. A 4-bit base cannot hold merged weights: there this activates
+        peft's adapter (or disables all adapters) on ``base_model`` and yields it.
         """
-        if torch.is_grad_enabled():
-            raise RuntimeError("AdapterStack.merged is for no-grad passes: gradients would not reach the adapter")
-        if name is None or not self.mergeable():
+        if not self.mergeable():
             with self.activate(name):
-                yield
+                yield self.base_model
             return
-        weights = self.merged_weights(name)
-        originals = []
+        view = self._view(name)
+        frozen = [] if torch.is_grad_enabled() else self._view_layers[name]
+        for m in frozen:
+            m.freeze()
         try:
-            for key, layer in self._lora_layers:
-                base = layer.get_base_layer()
-                originals.append((base, base.weight))
-                base.weight = nn.Parameter(weights[key], requires_grad=False)
-            with self._adapters_off():
-                yield
+            yield view
         finally:
-            for base, weight in originals:
-                base.weight = weight
+            for m in frozen:
+                m.unfreeze()
+
+    def train(self, mode: bool = True) -> AdapterStack:
+        super().train(mode)
+        for view in self._views.values():  # not submodules (they would repeat the base's parameters)
+            view.train(mode)
+        return self
 
     # ----- forward passes -------------------------------------------------------------------------
     def hidden(self, name: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last hidden states (B, T, H) with adapter ``name`` active (``None``: adapters disabled).
 
-        On a float base the adapter runs as merged weights ``W + s B A`` (see :meth:`merged`), with
-        gradients flowing to A and B through the merge: the same function and gradients as peft's
-        layer-by-layer LoRA, with a quarter of the ops on activations. Rows run in length buckets.
+        The adapter runs as :meth:`causal_lm` gives it (merged weights on a float base). Rows run in
+        length buckets (:func:`length_buckets`); padded positions of the result are 0.
         """
         B, T = input_ids.shape
-        buckets = length_buckets(attention_mask, self.bucket_rows)
-        trunk = self.base_model.model
-        if name is not None and self.mergeable():
-            weights = self.merged_weights(name)
-            context = self._adapters_off()
+        buckets = length_buckets(attention_mask, self.bucket_rows, self.bucket_overhead)
+        with self.causal_lm(name) as lm:
+            def run(rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+                ids, att = input_ids[rows, lo:hi], attention_mask[rows, lo:hi]
+                return lm.model(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att)
+                                ).last_hidden_state
 
-            def run(ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
-                kwargs = {"input_ids": ids, "attention_mask": att, "position_ids": position_ids_from_mask(att)}
-                return torch.func.functional_call(trunk, weights, (), kwargs).last_hidden_state
-        else:
-            context = self.activate(name)
-
-            def run(ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
-                return trunk(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att)
-                             ).last_hidden_state
-        out: torch.Tensor | None = None
-        with context:
+            if len(buckets) == 1 and buckets[0][1:] == (0, T):
+                return run(*buckets[0])
+            out: torch.Tensor | None = None
             for rows, lo, hi in buckets:
-                h = run(input_ids[rows, lo:hi], attention_mask[rows, lo:hi])
-                if len(buckets) == 1 and (lo, hi) == (0, T):
-                    return h
+                h = run(rows, lo, hi)
                 if out is None:  # padded positions stay 0: every consumer masks them
                     out = h.new_zeros(B, T, h.shape[-1])
                 out[rows, lo:hi] = h

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import pytest
 import torch
 
-from rlhf_lite.batching import length_buckets
+from rlhf_lite.batching import cheapest_cut, length_buckets
 from rlhf_lite.models import (
     AdapterStack,
     LoraSettings,
@@ -102,6 +105,31 @@ def test_length_buckets_group_by_span_and_trim_padding() -> None:
     assert rows.tolist() == [0, 1] and (lo, hi) == (0, 4)
 
 
+def test_cheapest_cut_is_exact_and_splits_off_long_rows() -> None:
+    """The cost-based cut equals a brute force over every cut of the sorted rows, and pays for itself."""
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        B = int(rng.integers(1, 8))
+        first = rng.integers(0, 6, B)
+        last = first + rng.integers(0, 12, B)
+        overhead, cap = int(rng.integers(0, 20)), [None, 2, 3][trial % 3]
+
+        def cost(ends: list[int], first=first, last=last, overhead=overhead) -> int:
+            return sum(overhead + (e - s) * (last[s:e].max() - first[s:e].min() + 1)
+                       for s, e in zip([0, *ends[:-1]], ends))
+
+        cuts = [[*c, B] for k in range(B) for c in itertools.combinations(range(1, B), k)]
+        cuts = [c for c in cuts if cap is None or all(e - s <= cap for s, e in zip([0, *c[:-1]], c))]
+        assert cost(cheapest_cut(first, last, overhead, cap)) == min(cost(c) for c in cuts)
+    # A minibatch of short rows and one long one: the long row goes alone, the short ones together.
+    att = torch.zeros(8, 60, dtype=torch.long)
+    att[:7, 20:40] = 1
+    att[7, :] = 1
+    buckets = length_buckets(att, overhead=64)
+    assert [(b[0].tolist(), b[1], b[2]) for b in buckets] == [(list(range(7)), 20, 40), ([7], 0, 60)]
+    assert len(length_buckets(att, overhead=10_000)) == 1  # a pass costing more than the padding: one bucket
+
+
 def test_bucketed_forward_equals_one_padded_pass() -> None:
     """Length buckets change the cost of a pass, not its values or gradients at real tokens."""
     stack = AdapterStack(_base(), ["critic"], LORA)
@@ -116,16 +144,17 @@ def test_bucketed_forward_equals_one_padded_pass() -> None:
         hi = int(torch.randint(lo + 2, T + 1, (1,), generator=g))
         att[row, lo:hi] = 1
     results = []
-    for rows in (None, 2):
-        stack.bucket_rows = rows
+    for rows, overhead in [(None, None), (2, None), (None, 0), (None, 64), (3, 4)]:  # the first: one pass
+        stack.bucket_rows, stack.bucket_overhead = rows, overhead
         stack.zero_grad()
         values = stack.values("critic", ids, att)
         (values * att).sum().backward()
         grads = [p.grad.clone() for p in stack.adapter_parameters("critic")]
         results.append((values * att, grads))
-    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-10, rtol=1e-9)
-    for a, b in zip(results[1][1], results[0][1]):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    for values, grads in results[1:]:
+        torch.testing.assert_close(values, results[0][0], atol=1e-10, rtol=1e-9)
+        for a, b in zip(grads, results[0][1]):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
 
 
 def test_merged_inference_equals_adapter_pass_and_restores_the_base() -> None:
@@ -140,16 +169,24 @@ def test_merged_inference_equals_adapter_pass_and_restores_the_base() -> None:
     stack.merge_adapters = True
     with torch.no_grad():
         merged = stack.values("critic", ids, att), stack.logits("policy", ids, att)
-        with stack.merged("policy"):  # the context the sampler runs in
-            direct = stack.base_model(input_ids=ids, attention_mask=att).logits
+        with stack.causal_lm("policy") as policy:  # the context the sampler runs in
+            direct = policy(input_ids=ids, attention_mask=att).logits
+            with stack.causal_lm("policy") as again:  # nested: the inner exit keeps the outer's merge
+                assert again is policy
+            torch.testing.assert_close(policy(input_ids=ids, attention_mask=att).logits, direct)
+        with stack.causal_lm(None) as reference:
+            torch.testing.assert_close(reference(input_ids=ids, attention_mask=att).logits,
+                                       stack.logits(None, ids, att))
     torch.testing.assert_close(merged[0], plain[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(merged[1], plain[1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(direct, stack.logits("policy", ids, att).detach(), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(plain[1], stack.logits(None, ids, att).detach(), atol=1e-3)  # the adapter matters
     after = {n: p for n, p in stack.peft.named_parameters() if "base_layer" in n}
     assert all(after[n] is weights[n] and torch.equal(after[n], before[n]) for n in weights)  # bit-exact base
-    with pytest.raises(RuntimeError, match="no-grad"), stack.merged("policy"):
-        pass
+    # The views share every tensor with the base: no parameter is copied.
+    base_tensors = {p.data_ptr() for p in stack.parameters()}
+    with torch.no_grad(), stack.causal_lm("critic") as critic:
+        assert {p.data_ptr() for p in critic.parameters()} <= base_tensors
 
 
 def test_merged_training_pass_gives_peft_gradients() -> None:

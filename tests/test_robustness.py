@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -104,6 +105,42 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path: Path, mo
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert second.reward_moments.state_dict() == straight.reward_moments.state_dict()
     assert (tmp_path / "straight/samples.jsonl").read_text() == (tmp_path / "resumed/samples.jsonl").read_text()
+
+
+def test_threaded_update_equals_sequential_update(tmp_path: Path, monkeypatch) -> None:
+    """The policy's and the critic's steps in two threads (rlhf_lite.parallel) give the very metrics and
+    weights of the same steps one after the other, at one intra-op thread each."""
+    threads_used: dict[str, set[str]] = {}
+    backward = trainer_mod.backward
+
+    def recording_backward(*args, **kwargs):
+        threads_used.setdefault(run, set()).add(threading.current_thread().name)
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "backward", recording_backward)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainers = {}
+        for run, workers in (("sequential", 1), ("threaded", 2)):
+            trainers[run] = PPOTrainer(CFG, tiny_setup(), tmp_path / run, workers=workers)
+            trainers[run].train()
+    finally:
+        torch.set_num_threads(threads)
+    assert threads_used["sequential"] == {threading.main_thread().name}
+    assert len(threads_used["threaded"]) == 2 and threading.main_thread().name not in threads_used["threaded"]
+    a, b = (numeric_rows(tmp_path / run / "metrics.jsonl") for run in ("sequential", "threaded"))
+    assert a == b and len(a) == CFG.iterations + 1
+    sa, sb = adapter_states(trainers["sequential"]), adapter_states(trainers["threaded"])
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_threads_need_merged_weights(tmp_path: Path) -> None:
+    setup = tiny_setup()
+    setup.stack.merge_adapters = False  # as on a 4-bit base: peft's adapter switching is global state
+    with pytest.raises(ValueError, match="merged weights"):
+        PPOTrainer(CFG, setup, tmp_path, workers=2)
+    assert PPOTrainer(CFG, setup, tmp_path).workers.n == 1
 
 
 def test_checkpoint_config_must_match_except_iterations(tmp_path: Path) -> None:

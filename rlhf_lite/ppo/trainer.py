@@ -22,6 +22,7 @@ value there is the value of the state before token i.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -44,6 +45,7 @@ from ..batching import encode_examples, last_token_index, pad_batch
 from ..evaluation import evaluate_gold
 from ..generation import Rollout, decode_responses, encode_prompts, sample
 from ..models import AdapterStack, LoraSettings
+from ..parallel import Workers
 from ..sft import load_sft_model, model_fingerprint
 from ..tokenizer import load_tokenizer
 from ..utils import DATA_DIR, MetricsLog, Stopwatch, progress, read_json, seed_everything, write_json
@@ -101,6 +103,14 @@ def rm_scores(stack: AdapterStack, input_ids: torch.Tensor, attention_mask: torc
     """RM score (B,) read at each sequence's last token (the EOS, or the cap when there is none)."""
     values = stack.values("reward", input_ids, attention_mask)
     return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
+def backward(loss_fn: Callable[[dict[str, torch.Tensor], int], tuple[torch.Tensor, dict]],
+             mb: dict[str, torch.Tensor], prompt_len: int) -> tuple[float, dict]:
+    """Compute a minibatch loss and its gradients; returns the loss value and the loss's stats."""
+    loss, stats = loss_fn(mb, prompt_len)
+    loss.backward()
+    return loss.item(), stats
 
 
 # ----- monitors -----------------------------------------------------------------------------------
@@ -239,12 +249,23 @@ def build_setup(cfg: PPOConfig, sft_dir: str | Path, rm_dir: str | Path, data_di
 class PPOTrainer:
     """Runs PPO iterations over a :class:`PPOSetup`, logging to ``out_dir``."""
 
-    def __init__(self, cfg: PPOConfig, setup: PPOSetup, out_dir: str | Path, preset: str = "custom") -> None:
+    def __init__(self, cfg: PPOConfig, setup: PPOSetup, out_dir: str | Path, preset: str = "custom",
+                 workers: int | None = None) -> None:
+        """``workers``: threads for the policy's and the critic's minibatch step, which share no parameters
+        (see :mod:`rlhf_lite.parallel`). Default: 2 on a CPU with two or more intra-op threads, where the
+        adapters run as merged weights; otherwise 1 (one after the other)."""
         self.cfg, self.setup, self.preset = cfg, setup, preset
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.stack, self.tok = setup.stack, setup.tokenizer
         self.device = self.stack.device
+        if workers is None:  # threads need merged-weight views: peft's adapter switching is global state
+            cpu = self.device.type == "cpu" and torch.get_num_threads() > 1
+            workers = 2 if cpu and self.stack.mergeable() else 1
+        elif workers > 1 and not self.stack.mergeable():
+            raise ValueError("PPOTrainer(workers > 1) needs adapters that run as merged weights (a float base "
+                             "without LoRA dropout): peft's own adapter switching cannot run in threads")
+        self.workers = Workers(workers)
         seed_everything(cfg.seed)
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
@@ -268,8 +289,8 @@ class PPOTrainer:
     def rollout(self, prompts: Sequence[str]) -> Rollout:
         ids, att = encode_prompts(self.tok, prompts, self.device)
         self.stack.eval()
-        with torch.no_grad(), self.stack.merged("policy"):
-            return sample(self.stack.base_model, ids, att, self.cfg.max_new_tokens, self.tok.eos_token_id,
+        with torch.no_grad(), self.stack.causal_lm("policy") as policy:
+            return sample(policy, ids, att, self.cfg.max_new_tokens, self.tok.eos_token_id,
                           self.tok.pad_token_id, self.cfg.temperature, self.cfg.top_p, self.gen)
 
     # --- phases 2-4: score, shape rewards, GAE ---
@@ -361,15 +382,14 @@ class PPOTrainer:
                 checked = {}  # what must be finite for the step to be taken
                 self.policy_opt.zero_grad(set_to_none=True)
                 self.critic_opt.zero_grad(set_to_none=True)
+                # The two losses share no parameters: their passes run at once (see rlhf_lite.parallel).
+                steps = [(self.critic_step_loss, "value loss")]
                 if train_policy:
-                    p_loss, p_stats = self.policy_step_loss(mb, exp.prompt_len)
-                    p_loss.backward()
-                    stats.update(p_stats)
-                    checked["policy loss"] = p_loss.item()
-                v_loss, v_stats = self.critic_step_loss(mb, exp.prompt_len)
-                v_loss.backward()
-                stats.update(v_stats)
-                checked["value loss"] = v_loss.item()
+                    steps.insert(0, (self.policy_step_loss, "policy loss"))
+                results = self.workers.run([functools.partial(backward, fn, mb, exp.prompt_len) for fn, _ in steps])
+                for (_, what), (loss, st) in zip(steps, results):
+                    stats.update(st)
+                    checked[what] = loss
                 if cfg.max_grad_norm is not None:  # one norm over policy and critic (PPO-max #6)
                     stats["grad_norm"] = core.clip_grad_norm_global(params, cfg.max_grad_norm)
                 else:
@@ -426,8 +446,8 @@ class PPOTrainer:
         """The common gold measurement on the test prompts ({} when there is no gold judge)."""
         if self.setup.gold_fn is None:
             return {}
-        with torch.no_grad(), self.stack.merged("policy"):
-            ev = evaluate_gold(self.stack.base_model, self.tok, self.setup.test_prompts, self.cfg.max_new_tokens,
+        with torch.no_grad(), self.stack.causal_lm("policy") as policy:
+            ev = evaluate_gold(policy, self.tok, self.setup.test_prompts, self.cfg.max_new_tokens,
                                device=self.device)
         return {"gold_score": ev.score, "eval_response_length": float(np.mean(ev.lengths)),
                 **{f"gold/{k}": v for k, v in ev.report.items() if k not in ("overall", "n")}}
