@@ -71,8 +71,10 @@ Fairness caveats. The arrangements differ by design, and that difference is what
 default trains all weights of policy and value model (a full backward through every matrix, AdamW over
 2x the base's parameters) and holds four models; rlhf_lite trains LoRA adapters on one base. With
 ``--trl-peft`` TRL's policy is LoRA too, but its value model is still fully trained. At this model size
-per-call Python overhead (peft's adapter switching in rlhf_lite; TRL's accelerate wrappers, logging and
-``gc.collect()``) weighs more than it would on a real model. The machine must be otherwise idle: with
+per-call Python overhead (TRL's accelerate wrappers, logging and ``gc.collect()``) weighs more than it
+would on a real model. Both use the same cores: rlhf_lite's trainer runs its policy and critic minibatch
+steps in two threads with ``threads / 2`` intra-op threads each (``rlhf_lite.parallel``), so it never
+has more busy threads than ``--threads``. The machine must be otherwise idle: with
 ``--threads 2`` on a 2-core CPU that another process uses, timings can be tens of times slower and
 meaningless. The driver measures how busy the CPU is (/proc/stat, over one second) before the first and
 after the last worker, reports both, and warns when other processes used more than a fifth of it.

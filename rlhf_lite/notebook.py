@@ -104,10 +104,11 @@ def ensure_ppo_many(jobs: dict, workers: int = 2, threads: int = 1) -> dict[str,
     """Summaries of several PPO runs, ``{key: (preset, cfg, out)}``; missing runs go to ``workers``
     processes of ``threads`` torch threads each, identical finished runs are read back.
 
-    Small PPO runs are bound by per-op overhead rather than arithmetic: at 32 rollouts an iteration takes
-    as long on one thread as on two (measured 1.03 s against 1.05 s on the 2-core machine), so two
-    one-thread runs side by side finish about 1.5x sooner than one two-thread run after another. The
-    thread count is fixed rather than taken from the machine, so results repeat on any number of cores.
+    A second thread speeds a small PPO run up by far less than 2x: at 32 rollouts a PPO-max iteration takes
+    0.57 s on one thread and 0.41-0.45 s on two (2-core machine), and two one-thread runs side by side do
+    not slow each other (0.57 and 0.51 s per iteration), so they finish about 1.6x sooner than one
+    two-thread run after another. The thread count is fixed rather than taken from the machine, so
+    results repeat on any number of cores.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
