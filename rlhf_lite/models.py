@@ -145,6 +145,12 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W + scale * B A`` in W's dtype: W (out, in), A (r, in), B (out, r). The one formula of every merged
+    pass, so that sampling (no grad) and training passes round alike."""
+    return torch.addmm(weight, lora_b.to(weight.dtype), lora_a.to(weight.dtype), alpha=scale)
+
+
 class _MergedLoraFn(torch.autograd.Function):
     """``y = x (W + s B A)^T`` with the backward of a LoRA layer, not of a full weight (LoRA, Hu et al. 2021).
 
@@ -157,7 +163,7 @@ class _MergedLoraFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 scale: float) -> torch.Tensor:
-        merged = torch.addmm(weight, lora_b.to(weight.dtype), lora_a.to(weight.dtype), alpha=scale)
+        merged = merge_lora(weight, lora_a, lora_b, scale)
         ctx.save_for_backward(x, merged, lora_a, lora_b)
         ctx.scale = scale
         return F.linear(x, merged)
@@ -193,7 +199,7 @@ class MergedLoraLinear(nn.Module):
     def merged_weight(self) -> torch.Tensor:
         """``W + s B A`` (out, in), in the base weight's dtype; differentiable in A and B."""
         base, a, b = self._parts
-        return base.weight + (self.scale * (b.weight @ a.weight)).to(base.weight.dtype)
+        return merge_lora(base.weight, a.weight, b.weight, self.scale)
 
     def freeze(self) -> None:
         if self._holds == 0:
