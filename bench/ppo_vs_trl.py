@@ -91,7 +91,8 @@ two arrangements scale with model size (bench/memory.py measures that).
 
 Sampling: one more worker times rlhf_lite's rollout sampler ``rlhf_lite.generation.sample`` (what
 ``PPOTrainer.rollout`` calls) against a bare ``model.generate(do_sample=True, max_new_tokens=N,
-min_new_tokens=N, temperature=1.0, top_k=0, top_p=1.0)`` on the same model (the policy adapter active),
+min_new_tokens=N, temperature=1.0, top_k=0, top_p=1.0)`` on the same model (the policy adapter's
+merged-weight view that ``PPOTrainer.rollout`` samples from, ``AdapterStack.causal_lm("policy")``),
 batch (the same prompts) and N; also ``generate`` with ``output_scores=True``, as TRL calls it to get
 the log-probs ``sample`` returns. Median of ``--gen-reps`` alternating calls after one warm-up call
 each; the ratio ``sample_s / generate_s`` has a goal of at most 1.3.
@@ -373,6 +374,17 @@ def run_trl(args: argparse.Namespace, world: World) -> dict[str, Any]:
             "optimizer": optimizer, "mode": "peft" if args.trl_peft else "full", "arrangement": arrangement}
 
 
+def randomize_lora(stack: Any, seed: int) -> None:
+    """Small random LoRA matrices (peft starts B at 0, where an adapter changes nothing)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in stack.peft.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
 def run_sampling(args: argparse.Namespace, world: World) -> dict[str, Any]:
     """``rlhf_lite.generation.sample`` against ``model.generate``: same model, batch and response length."""
     import torch
@@ -381,8 +393,11 @@ def run_sampling(args: argparse.Namespace, world: World) -> dict[str, Any]:
     from rlhf_lite.models import AdapterStack
 
     stack = AdapterStack(build_base(world, args.seed), ["policy", "critic", "reward"], world.lora).eval()
-    stack.activate("policy")  # stays active: the rollout's adapter
-    model, tok, n = stack.base_model, world.tokenizer, args.max_new_tokens
+    randomize_lora(stack, args.seed)  # fresh LoRA B matrices are 0: make the adapter change the model
+    torch.set_grad_enabled(False)  # as in PPOTrainer.rollout
+    # The model PPOTrainer.rollout samples from: the policy's merged-weight view (AdapterStack.causal_lm).
+    model = stack.causal_lm("policy").__enter__()
+    tok, n = world.tokenizer, args.max_new_tokens
     ids, att = encode_prompts(tok, world.prompts)
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
