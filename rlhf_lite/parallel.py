@@ -12,8 +12,9 @@ sequential. ATen releases the GIL inside every op and autograd runs a backward o
 it, so Python threads are enough.
 
 Results do not depend on which thread runs which task, so a run stays deterministic; with two workers on
-two cores they equal a sequential run on one intra-op thread (tests/test_ppo_trainer.py checks it), not
-necessarily one on two threads (a matmul split over two threads may round differently).
+two cores they equal a sequential run on one intra-op thread (checked by
+``test_threaded_update_equals_sequential_update`` in tests/test_robustness.py), not necessarily one on two
+threads (a matmul split over two threads may round differently).
 """
 
 from __future__ import annotations
