@@ -389,14 +389,21 @@ def run_sampling(args: argparse.Namespace, world: World) -> dict[str, Any]:
     """``rlhf_lite.generation.sample`` against ``model.generate``: same model, batch and response length."""
     import torch
 
-    from rlhf_lite.generation import encode_prompts, sample
     from rlhf_lite.models import AdapterStack
 
     stack = AdapterStack(build_base(world, args.seed), ["policy", "critic", "reward"], world.lora).eval()
     randomize_lora(stack, args.seed)  # fresh LoRA B matrices are 0: make the adapter change the model
-    torch.set_grad_enabled(False)  # as in PPOTrainer.rollout
-    # The model PPOTrainer.rollout samples from: the policy's merged-weight view (AdapterStack.causal_lm).
-    model = stack.causal_lm("policy").__enter__()
+    # The model PPOTrainer.rollout samples from: the policy's merged-weight view, under no_grad.
+    with torch.no_grad(), stack.causal_lm("policy") as model:
+        return time_samplers(args, world, model)
+
+
+def time_samplers(args: argparse.Namespace, world: World, model: Any) -> dict[str, Any]:
+    """Median times of ``sample`` and ``model.generate`` (with and without scores), calls alternating."""
+    import torch
+
+    from rlhf_lite.generation import encode_prompts, sample
+
     tok, n = world.tokenizer, args.max_new_tokens
     ids, att = encode_prompts(tok, world.prompts)
     gen = torch.Generator().manual_seed(args.seed)
