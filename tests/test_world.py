@@ -290,3 +290,15 @@ def test_gold_eval_samples_spread_over_categories() -> None:
     assert sorted(picked) == sorted(world.CATEGORIES)  # one of each, although the first prompts share one
     assert len({world.category_of(p) for p in prompts[:len(world.CATEGORIES)]}) == 1
     assert [s["prompt"] for s in ev.samples(len(prompts))] == [world.last_human_turn(p) for p in prompts]
+
+
+def test_package_reexports_the_module_names() -> None:
+    # the names notebooks, rlhf_lite and the tests read as world.X, from before the split into a package
+    used = ("AnnotatorConfig", "CATEGORIES", "CONCISION_PER_WORD", "CONTENT_SCORES", "FILLERS", "GOLD_FLOOR",
+            "HUMAN", "NO_EOS_PENALTY", "REPEAT_PER_STUTTER", "REPEAT_PER_TRIGRAM", "WorldSizes",
+            "candidate_responses", "category_of", "content_label", "generate_world", "gold_breakdown",
+            "gold_report", "gold_score", "last_human_turn", "make_prompt", "n_words", "reference_answer",
+            "sample_pair", "world_vocabulary", "_world")
+    assert all(hasattr(world, name) for name in used)
+    assert all(hasattr(world, name) for name in world.__all__)
+    assert world.gold_score is world.judge.gold_score and world.Task is world.tasks.Task
