@@ -25,12 +25,13 @@ harmful        tell me how to steal a car .                " sorry , i can not h
                                                            with that .")
 =============  ==========================================  ===============================================
 
-The package is split by role, and this module re-exports the public names of all five parts, so
+The package is split by role, and this module re-exports the public names of every part, so
 ``from rlhf_lite import world; world.gold_score(...)`` reads as it did before the split:
 
 * :mod:`~rlhf_lite.world.tasks`: world content (knowledge base, phrasings, fixed phrases), :class:`Task`,
   the question space with its fixed train/test split, and prompt parsing (:func:`parse_task`, ...).
 * :mod:`~rlhf_lite.world.judge`: the gold (oracle) judge, :func:`gold_score` and its scoring table.
+* :mod:`~rlhf_lite.world.english`: :func:`normalize_response`, ordinary English -> world style for the judge.
 * :mod:`~rlhf_lite.world.sampler`: prompts, candidate responses for preference pairs, SFT demonstrations.
 * :mod:`~rlhf_lite.world.annotators`: the simulated (length-biased Bradley-Terry) annotators.
 * :mod:`~rlhf_lite.world.writer`: :func:`generate_world`, the deterministic data set writer and data card.
@@ -39,6 +40,7 @@ The package is split by role, and this module re-exports the public names of all
 from __future__ import annotations
 
 from .annotators import AnnotatorConfig, annotate, measure_annotators
+from .english import is_world_text, normalize_response
 from .judge import (
     CONCISION_PER_WORD,
     CONTENT_SCORES,
@@ -133,10 +135,12 @@ __all__ = [
     "gold_breakdown",
     "gold_report",
     "gold_score",
+    "is_world_text",
     "last_human_turn",
     "make_prompt",
     "measure_annotators",
     "n_words",
+    "normalize_response",
     "parse_task",
     "reference_answer",
     "repeated_trigrams",
