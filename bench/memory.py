@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/memory.py        # a few minutes on a 2-core CPU
 
-Both set-ups run the same iteration (PAPER.md Sec. 2-3) on the same random-init Llama of about 0.5B
+Both set-ups run the same iteration (docs/paper.md Sec. 2-3) on the same random-init Llama of about 0.5B
 parameters, with gradient checkpointing:
 
   (a) ``AdapterStack`` on ``load_causal_lm(quantize_4bit=True)`` (NF4, double quantization) as our CPU path

@@ -1,4 +1,6 @@
-"""Turning (prompt, response) text into padded token batches."""
+"""Padded token batches, and length buckets that cut the padding out of forward passes.
+
+Tokenizing (prompt, response) text is :func:`rlhf_lite.text.encode_pair_texts`."""
 
 from __future__ import annotations
 
@@ -6,46 +8,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerFast
-
-
-def encode_example(
-    tokenizer: PreTrainedTokenizerFast, prompt: str, response: str, max_len: int, add_eos: bool = True
-) -> tuple[list[int], list[int]]:
-    """Token ids of ``prompt + response (+ EOS)`` and a 0/1 list marking the response tokens.
-
-    Prompt and response are tokenized separately so the boundary is exact. Raises ValueError if the
-    example does not fit ``max_len`` (the model's context): silent truncation would cut the EOS the
-    reward model reads.
-    """
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if add_eos:
-        r = r + [tokenizer.eos_token_id]
-    if len(p) + len(r) > max_len:
-        raise ValueError(f"example of {len(p) + len(r)} tokens exceeds the context of {max_len}: {prompt[-60:]!r}")
-    return p + r, [0] * len(p) + [1] * len(r)
-
-
-def encode_examples(
-    tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str], responses: Sequence[str], max_len: int,
-    add_eos: bool = True,
-) -> list[tuple[list[int], list[int]]]:
-    """:func:`encode_example` over many pairs, with two batched tokenizer calls (about 10x faster)."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    if not prompts:
-        return []
-    ps = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    rs = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if add_eos else []
-    out = []
-    for prompt, p, r in zip(prompts, ps, rs):
-        r = r + eos
-        if len(p) + len(r) > max_len:
-            raise ValueError(f"example of {len(p) + len(r)} tokens exceeds the context of {max_len}: {prompt[-60:]!r}")
-        out.append((p + r, [0] * len(p) + [1] * len(r)))
-    return out
 
 
 def pad_batch(

@@ -1,124 +1,139 @@
-"""Command line: ``python -m rlhf_lite {data,sft,rm,ppo,pipeline} ...``.
+"""Command line: ``python -m rlhf_lite {data,sft,rm,ppo,pipeline,export,profiles} ...``.
 
-Every stage writes into its ``--out`` folder: ``metrics.jsonl`` (one JSON object per logged step),
-``summary.json``, PNG plots, and its model or adapters. Settings come from the stage's config dataclass
-of the chosen ``--profile``; ``--set field=value`` overrides single fields. ``ppo --resume DIR`` continues
-an interrupted run from ``DIR/checkpoint``.
+Every stage runs for every profile (``--profile tiny|smol|colab_t4|consumer_24gb``; ``--model PATH_OR_ID``
+replaces the profile's model) and writes into its ``--out`` folder: ``metrics.jsonl`` (one JSON object per
+logged step), ``summary.json``, PNG plots, and its model or adapters.
+
+Settings are the fields of the stage's config dataclass, and ``--help`` lists every one with its docstring.
+The flags are generated from the dataclasses themselves (their field types and the docstring under each
+field), not by a CLI library: the dataclasses stay plain, the package needs no extra dependency, and the
+docs cannot drift from the code. A stage's own fields are plain flags (``ppo --kl-coef 0.05``); fields of
+the other parts of a profile carry their part's name (``--model.quantization nf4``, ``--lora.r 8``,
+``pipeline --ppo.iterations 30``). ``--set field=value`` does the same by name (``--set ppo.kl_coef=0.05``).
+Values are Python literals (``1e-4``, ``None``, ``(0.9, 0.95)``) or bare words for choices.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import sys
-import types
-import typing
-from dataclasses import replace
 from pathlib import Path
 
+from .settings import (
+    SettingError,
+    describe_type,
+    field_docs,
+    parse_overrides,
+    parse_value,
+    replace_fields,
+    type_hints,
+)
 from .utils import DATA_DIR, set_cpu_threads
 
-
-def _coerce(value, hint, where: str):
-    """``value`` (a Python literal) as type ``hint``: ints widen to float, lists become tuples; a value of
-    another type is a SystemExit naming ``where``, the expected and the given type."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arm in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arm, where)
-            except SystemExit:
-                pass
-    elif origin is tuple and isinstance(value, (list, tuple)):
-        arms = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
-        if len(arms) == len(value):
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, arms)))
-    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-        return value
-    name = hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
-    raise SystemExit(f"--set {where}={value!r}: expected {name}, got {type(value).__name__}")
+_FLAG = "cfg:"  # dest prefix of generated config flags
 
 
-def _replace_fields(cfg, changes: dict, where: str):
-    """``replace(cfg, **changes)`` with every value checked against its field's type annotation."""
-    hints = typing.get_type_hints(type(cfg))
-    unknown = sorted(set(changes) - set(hints))
-    if unknown:
-        raise SystemExit(f"--set: {where or type(cfg).__name__} has no field {unknown[0]!r}; fields: "
-                         f"{', '.join(sorted(hints))}")
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str, bare: bool,
+                     skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of dataclass ``cls`` (recursing into nested dataclasses), with its docstring as help.
 
-    def convert(name: str, value):
-        at = f"{where}.{name}" if where else name
-        current = getattr(cfg, name)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):  # --set collapse={'patience': 3}
-            return _replace_fields(current, value, at)
-        return _coerce(value, hints[name], at)
-
-    return replace(cfg, **{k: convert(k, v) for k, v in changes.items()})
+    ``prefix`` is the part of the profile the fields belong to ("ppo."); the flag drops it when ``bare`` (the
+    stage's own config).
+    """
+    group = parser.add_argument_group(f"{prefix[:-1]} settings", f"fields of {cls.__name__} (defaults shown: "
+                                      f"{cls.__name__}(); each profile sets its own)")
+    _add_fields(group, cls, prefix, bare, skip)
 
 
-def _parse_overrides(cfg, items: list[str] | None):
-    """Apply ``--set name=value`` pairs to a frozen dataclass, with a clear error on unknown names and on values
-    of the wrong type (``--set policy_lr=abc``)."""
-    if not items:
-        return cfg
-    changes = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set expects name=value, got {item!r}")
-        name, raw = item.split("=", 1)
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw  # a bare word such as rm or reference
-        changes[name] = value
-    return _replace_fields(cfg, changes, "")
+def _add_fields(group, cls: type, prefix: str, bare: bool, skip: tuple[str, ...], nest: str = "") -> None:
+    docs, hints, defaults = field_docs(cls), type_hints(cls), cls()
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            _add_fields(group, type(value), prefix, bare, (), f"{nest}{f.name}.")
+            continue
+        name = f"{nest}{f.name}"
+        shown = name if bare else f"{prefix}{name}"
+        flags = [f"--{shown.replace('_', '-')}"] + ([f"--{shown}"] if "_" in shown else [])
+        group.add_argument(*flags, dest=f"{_FLAG}{prefix}{name}", default=argparse.SUPPRESS,
+                           metavar=describe_type(hints[f.name]).upper() if hints[f.name] in (int, float) else "X",
+                           help=f"{docs.get(f.name, '')} [{describe_type(hints[f.name])}; default {value!r}]"
+                           .replace("%", "%%"))
 
 
-def _profile_check(profile: str) -> None:
-    if profile != "tiny":
-        raise SystemExit(
-            f"profile {profile!r}: the gpu profile's stages run through notebooks/05_real_model_qlora.ipynb "
-            "(4-bit base with LoRA adapters); the CLI runs the tiny profile"
-        )
+def config_changes(args: argparse.Namespace) -> dict:
+    """Every generated flag and ``--set`` pair given, as ``{"part.field": value}`` changes to the profile."""
+    changes = {k[len(_FLAG):]: parse_value(v) for k, v in vars(args).items() if k.startswith(_FLAG)}
+    for name, value in parse_overrides(getattr(args, "set", None)).items():
+        part = name.split(".", 1)[0]
+        changes[name if part in PARTS else f"{args.part}.{name}"] = value
+    return changes
 
 
+PARTS = ("model", "lora", "sft", "rm", "ppo")
+
+
+def build_profile(args: argparse.Namespace, changes: dict):
+    """The ``--profile`` with ``--model`` and the non-PPO changes applied (PPO changes go on top of the preset)."""
+    from .profiles import get_profile, with_model
+
+    profile = with_model(get_profile(args.profile), getattr(args, "model", None))
+    part_changes = {k: v for k, v in changes.items() if not k.startswith("ppo.")}
+    return replace_fields(profile, part_changes, "profile") if part_changes else profile
+
+
+def ppo_changes(changes: dict) -> dict:
+    return {k[len("ppo."):]: v for k, v in changes.items() if k.startswith("ppo.")}
+
+
+def _seeded(cfg, seed: int | None):
+    return cfg if seed is None else dataclasses.replace(cfg, seed=seed)
+
+
+# ----- commands -----------------------------------------------------------------------------------------
 def cmd_data(args: argparse.Namespace) -> None:
+    if args.hh:
+        from .hh_rlhf import import_hh
+
+        print(json.dumps(import_hh(args.hh, args.out, args.train_limit, args.test_limit), indent=2))
+        return
     from .world import generate_world
 
-    stats = generate_world(args.out, seed=args.seed)
+    stats = generate_world(args.out, seed=args.seed or 0)
     print(json.dumps({k: v for k, v in stats.items() if not isinstance(v, dict)}, indent=2))
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
-    from .sft import SFTConfig, train_sft
+    from .sft import train_sft
 
-    _profile_check(args.profile)
-    cfg = _parse_overrides(replace(SFTConfig(), seed=args.seed), args.set)
-    s = train_sft(args.out, cfg, data_dir=args.data)
-    print(f"SFT done in {s['wall_seconds']:.0f}s: gold before {s['gold_score_before']:.3f}, "
-          f"after {s['gold_score_after']:.3f}, demonstrations {s['gold_score_demos']:.3f} -> {args.out}")
+    profile = build_profile(args, config_changes(args))
+    profile.model.validate()
+    cfg = _seeded(profile.sft, args.seed)
+    s = train_sft(args.out, cfg, args.data, profile)
+    gold = (f"gold before {s['gold_score_before']:.3f}, after {s['gold_score_after']:.3f}, demonstrations "
+            f"{s['gold_score_demos']:.3f}" if "gold_score_after" in s else "no gold judge for this data")
+    print(f"SFT ({profile.name}) done in {s['wall_seconds']:.0f}s: {gold} -> {args.out}")
 
 
 def cmd_rm(args: argparse.Namespace) -> None:
-    from .rm import RMConfig, train_rm
+    from .rm import train_rm
 
-    _profile_check(args.profile)
-    cfg = _parse_overrides(replace(RMConfig(), seed=args.seed), args.set)
-    s = train_rm(args.out, args.sft, cfg, data_dir=args.data)
-    print(f"RM done in {s['wall_seconds']:.0f}s: test accuracy {s['test_accuracy']:.3f}, gold agreement "
-          f"{s['gold_agreement']:.3f} (annotators {s['annotator_gold_agreement']:.3f}), padding gain RM "
-          f"{s['padding_rm_gain']:+.3f} / gold {s['padding_gold_change']:+.3f} -> {args.out}")
+    profile = build_profile(args, config_changes(args))
+    profile.model.validate()
+    s = train_rm(args.out, args.sft, _seeded(profile.rm, args.seed), args.data, profile)
+    extra = (f", gold agreement {s['gold_agreement']:.3f} (annotators {s['annotator_gold_agreement']:.3f}), "
+             f"padding gain RM {s['padding_rm_gain']:+.3f} / gold {s['padding_gold_change']:+.3f}"
+             if "gold_agreement" in s else "")
+    print(f"RM ({profile.name}) done in {s['wall_seconds']:.0f}s: test accuracy {s['test_accuracy']:.3f}{extra} "
+          f"-> {args.out}")
 
 
 def cmd_ppo(args: argparse.Namespace) -> None:
-    from .ppo.config import PRESETS, get_preset
+    from .ppo.config import PRESETS
 
     if args.list_presets:
         width = max(len(n) for n in PRESETS)
@@ -132,83 +147,136 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     missing = [n for n in ("sft", "rm", "out") if getattr(args, n) is None]
     if missing:
         raise SystemExit(f"ppo needs --{' --'.join(missing)}")
-    _profile_check(args.profile)
-    cfg = get_preset(args.preset)
-    cfg = replace(cfg, seed=args.seed, **({"iterations": args.iterations} if args.iterations else {}))
-    cfg = _parse_overrides(cfg, args.set)
-    from .ppo.trainer import run_ppo
+    changes = config_changes(args)
+    profile = build_profile(args, changes)
+    profile.model.validate()
+    cfg = _seeded(replace_fields(profile.ppo_config(args.preset), ppo_changes(changes), "PPOConfig"), args.seed)
+    from .ppo.stage import run_ppo
 
-    s = run_ppo(args.out, args.sft, args.rm, cfg, preset=args.preset, data_dir=args.data,
-                resume=bool(args.resume))
+    s = run_ppo(args.out, args.sft, args.rm, cfg, preset=args.preset, data_dir=args.data, resume=bool(args.resume),
+                profile=profile)
     if s["interrupted"]:
         print(f"PPO {args.preset} stopped at iteration {s['iterations']}; continue with "
-              f"`python -m rlhf_lite ppo --resume {args.out}` and the same --sft, --rm, --preset, --seed and --set")
+              f"`python -m rlhf_lite ppo --resume {args.out}` and the same --sft, --rm, --preset, --seed and settings")
         return
     flag = f"collapse at iteration {s['collapse_iteration']}" if s["collapse_detected"] else "no collapse"
-    print(f"PPO {args.preset} done in {s['wall_seconds']:.0f}s: reward {s['initial_reward']:.2f} -> "
-          f"{s['final_reward']:.2f}, gold {s['initial_gold_score']:.3f} -> {s['final_gold_score']:.3f} "
-          f"(peak {s['peak_gold_score']:.3f}), KL {s['final_kl']:.3f}, {flag} -> {args.out}")
+    gold = (f"gold {s['initial_gold_score']:.3f} -> {s['final_gold_score']:.3f} (peak {s['peak_gold_score']:.3f}), "
+            if s["final_gold_score"] is not None else "")
+    print(f"PPO {args.preset} ({profile.name}) done in {s['wall_seconds']:.0f}s: reward {s['initial_reward']:.2f} -> "
+          f"{s['final_reward']:.2f}, {gold}KL {s['final_kl']:.3f}, {flag} -> {args.out}")
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from .pipeline import run_pipeline
 
-    _profile_check(args.profile)
-    run_pipeline(args.out, seed=args.seed, data_dir=args.data, iterations=args.iterations, reuse=args.reuse)
+    changes = config_changes(args)
+    if args.iterations:
+        changes["ppo.iterations"] = args.iterations
+    profile = build_profile(args, changes)
+    run_pipeline(args.out, seed=args.seed or 0, data_dir=args.data, reuse=args.reuse, profile=profile,
+                 ppo_changes=ppo_changes(changes))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_policy
+
+    out = export_policy(args.run, args.out)
+    print(f"exported the policy of {args.run} as a plain Hugging Face model: {out}")
+
+
+def cmd_profiles(args: argparse.Namespace) -> None:
+    from .profiles import PROFILES
+
+    width = max(len(n) for n in PROFILES)
+    for name, p in PROFILES.items():
+        print(f"{name:<{width}}  {p.model.source:<28} {p.model.quantization:<5} {p.description}")
+
+
+# ----- the parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from .loading import ModelSpec
+    from .models import LoraSettings
+    from .ppo.config import PPOConfig
+    from .profiles import PROFILES
+    from .rm import RMConfig
+    from .sft import SFTConfig
+
     parser = argparse.ArgumentParser(prog="python -m rlhf_lite", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    configs = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
 
-    def common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
-        p.add_argument("--out", required=out_required, help="output folder")
-        p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-        p.add_argument("--profile", choices=("tiny", "gpu"), default="tiny", help="model/data profile")
-        p.add_argument("--data", default=str(DATA_DIR), help="world data folder (default: the shipped data/)")
-        p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override one config field")
+    def stage(name: str, help: str, own: tuple[str, ...]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(part=own[0] if len(own) == 1 else "ppo")
+        p.add_argument("--out", help="output folder")
+        p.add_argument("--seed", type=int, default=None, help="random seed of the stage (default: the config's, 0)")
+        p.add_argument("--profile", choices=tuple(PROFILES), default="tiny", help="model and budgets (default tiny)")
+        p.add_argument("--model", metavar="PATH_OR_ID", help="replace the profile's model: a local folder, a hub "
+                       "id, or 'tiny' / 'smollm2'")
+        p.add_argument("--data", default=str(DATA_DIR), help="data folder (default: the shipped world data)")
+        p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override one setting by name")
+        for part in own:
+            # the stage's seed is the common --seed
+            add_config_flags(p, configs[part], f"{part}.", bare=len(own) == 1, skip=("seed",) if len(own) == 1 else ())
+        add_config_flags(p, ModelSpec, "model.", bare=False, skip=("arch", "source"))
+        add_config_flags(p, LoraSettings, "lora.", bare=False)
+        return p
 
-    p = sub.add_parser("data", help="regenerate the synthetic world's data files")
+    p = sub.add_parser("data", help="write the synthetic world's data, or import HH-RLHF into the same layout")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hh", metavar="SOURCE", help="import HH-RLHF from a hub id (Anthropic/hh-rlhf), a folder "
+                   "with train.jsonl and test.jsonl, or a file (rows the strict loader rejects are skipped and counted)")
+    p.add_argument("--train-limit", type=int, help="with --hh: at most this many training pairs")
+    p.add_argument("--test-limit", type=int, help="with --hh: at most this many test pairs")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("sft", help="LM pretraining and SFT of the tiny model")
-    common(p)
-    p.set_defaults(func=cmd_sft)
-
-    p = sub.add_parser("rm", help="train and evaluate the reward model")
-    common(p)
+    stage("sft", "SFT: the tiny model from scratch, or LoRA SFT of a pretrained model (merged)", ("sft",)
+          ).set_defaults(func=cmd_sft)
+    p = stage("rm", "train and evaluate the reward model (a LoRA adapter and head on the SFT model)", ("rm",))
     p.add_argument("--sft", required=True, help="folder written by the sft stage")
     p.set_defaults(func=cmd_rm)
 
-    p = sub.add_parser("ppo", help="run PPO with a preset")
-    common(p, out_required=False)
-    p.add_argument("--preset", default="vanilla", help="see --list-presets")
+    p = stage("ppo", "run PPO with a preset (vanilla, ppo_max or an ablation)", ("ppo",))
+    p.add_argument("--preset", default="vanilla", help="see --list-presets (default vanilla)")
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     p.add_argument("--sft", help="folder written by the sft stage")
     p.add_argument("--rm", help="folder written by the rm stage")
-    p.add_argument("--iterations", type=int, help="override the preset's iteration count")
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR (an earlier --out) from DIR/checkpoint, appending to "
-                        "DIR/metrics.jsonl; give the same --sft, --rm, --preset, --seed and --set as that run "
+                        "DIR/metrics.jsonl; give the same --sft, --rm, --preset, --seed and settings as that run "
                         "(--iterations may be raised to extend it)")
     p.set_defaults(func=cmd_ppo)
 
-    p = sub.add_parser("pipeline", help="data check, SFT, RM, vanilla PPO and PPO-max, with a report")
-    common(p)
-    p.add_argument("--iterations", type=int, help="PPO iterations of both runs")
+    p = stage("pipeline", "data check, SFT, RM, vanilla PPO and PPO-max, with a report", ("sft", "rm", "ppo"))
+    p.set_defaults(part="pipeline")
+    p.add_argument("--iterations", type=int, help="PPO iterations of both runs (same as --ppo.iterations)")
     p.add_argument("--reuse", action="store_true", help="skip stages whose summary.json exists in --out")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("export", help="write a PPO run's policy as a plain Hugging Face model folder")
+    p.add_argument("--run", required=True, help="a PPO run folder (with policy/)")
+    p.add_argument("--out", required=True, help="where to write the merged model and its tokenizer")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("profiles", help="list the named profiles")
+    p.set_defaults(func=cmd_profiles)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if getattr(args, "part", None) == "pipeline":
+        # pipeline flags always name their part (--ppo.kl-coef); --set without a part is ambiguous
+        for name in parse_overrides(args.set):
+            if name.split(".", 1)[0] not in PARTS:
+                raise SystemExit(f"pipeline --set {name}=...: name the part ({', '.join(PARTS)}), e.g. ppo.{name}")
+    if args.command in ("sft", "rm", "pipeline") and not args.out:
+        raise SystemExit(f"{args.command} needs --out")
     set_cpu_threads()
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input (data.DataError is a ValueError): one line
+    except (ValueError, FileNotFoundError, SettingError) as e:  # bad input (DataError is a ValueError): one line
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     except RuntimeError as e:

@@ -15,18 +15,19 @@ from __future__ import annotations
 import errno
 import gzip
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .text import ASSISTANT, HUMAN, excerpt, split_hh
 
 __all__ = [
     "ASSISTANT",
     "HUMAN",
     "DataError",
     "PreferencePair",
-    "hh_rows_to_prompts",
-    "load_hh_rlhf",
+    "data_kind",
     "load_preference_pairs",
     "load_prompts",
     "load_sft",
@@ -34,10 +35,6 @@ __all__ = [
     "split_hh",
 ]
 
-HUMAN = "\n\nHuman:"
-ASSISTANT = "\n\nAssistant:"
-
-_EXCERPT_CHARS = 60
 _PathLike = str | Path
 _TypeSpec = type | tuple[type, ...]
 
@@ -65,53 +62,7 @@ class DataError(ValueError):
         return (type(self), (self.reason, self.path, self.lineno))
 
 
-def _excerpt(text: str, tail: bool = False) -> str:
-    """Quote at most 60 characters of ``text`` (its start, or its end if ``tail``) with ``repr``."""
-    if len(text) > _EXCERPT_CHARS:
-        keep = _EXCERPT_CHARS - 3
-        text = "..." + text[-keep:] if tail else text[:keep] + "..."
-    return repr(text)
-
-
-# --------------------------------------------------------------------------- transcripts
-
-
-def split_hh(text: str) -> tuple[str, str]:
-    """Split an HH-RLHF transcript into ``(prompt, response)``.
-
-    ``prompt`` is everything through the LAST ``"\\n\\nAssistant:"`` (inclusive), so it keeps every
-    earlier turn; ``response`` is the text after it, unchanged (its usual leading space is kept).
-    The word ``"Human:"`` inside a response is fine; ``"\\n\\nHuman:"`` is a new turn.
-
-    Raises:
-        TypeError: ``text`` is not a ``str``.
-        ValueError: the transcript does not start with ``"\\n\\nHuman:"``, has no ``"\\n\\nAssistant:"``
-            turn, ends with a Human turn after the last Assistant turn, or its final response is
-            empty or whitespace only.  The message quotes a short excerpt of the offending text.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"transcript must be a str, got {type(text).__name__}")
-    if not text.startswith(HUMAN):
-        raise ValueError(f"transcript does not start with {HUMAN!r}; it starts with {_excerpt(text)}")
-    cut = text.rfind(ASSISTANT)
-    if cut < 0:
-        raise ValueError(
-            f"transcript has no {ASSISTANT!r} turn, so there is no final response: {_excerpt(text)}"
-        )
-    cut += len(ASSISTANT)
-    prompt, response = text[:cut], text[cut:]
-    human_at = response.find(HUMAN)
-    if human_at >= 0:
-        raise ValueError(
-            f"transcript ends with a Human turn after the last {ASSISTANT!r}, so there is no final "
-            f"assistant response: {_excerpt(response[human_at:])}"
-        )
-    if not response.strip():
-        raise ValueError(
-            f"the final response (after the last {ASSISTANT!r}) is empty: {response!r}; "
-            f"transcript ends {_excerpt(text, tail=True)}"
-        )
-    return prompt, response
+_excerpt = excerpt
 
 
 # --------------------------------------------------------------------------- JSONL core
@@ -289,14 +240,6 @@ def load_preference_pairs(path: _PathLike, limit: int | None = None) -> list[Pre
     return _collect(pairs, limit, path)
 
 
-def hh_rows_to_prompts(pairs: Sequence[PreferencePair]) -> list[dict]:
-    """Return the unique prompts of ``pairs``, first-seen order, as ``{"prompt": ...}`` rows for PPO."""
-    seen: dict[str, None] = {}
-    for pair in pairs:
-        seen.setdefault(pair.prompt, None)
-    return [{"prompt": prompt} for prompt in seen]
-
-
 # --------------------------------------------------------------------------- prompts and SFT
 
 
@@ -340,59 +283,18 @@ def load_sft(path: _PathLike, limit: int | None = None) -> list[dict]:
     return _collect(rows(), limit, path)
 
 
-# --------------------------------------------------------------------------- HH-RLHF
+# --------------------------------------------------------------------------- data folders
 
 
-def _looks_like_local_path(source: _PathLike) -> bool:
-    """Tell whether ``source`` is clearly meant as a file path rather than a hub dataset id."""
-    if isinstance(source, Path):
-        return True
-    return source.startswith(("/", ".", "~", "\\")) or source.endswith((".jsonl", ".json", ".gz"))
-
-
-def load_hh_rlhf(source: _PathLike, split: str = "train", limit: int | None = None) -> list[PreferencePair]:
-    """Load HH-RLHF preference pairs from a local file or directory, or from the Hugging Face hub.
-
-    ``source`` may be a ``.jsonl`` (or ``.jsonl.gz``) file, a directory holding ``{split}.jsonl`` (or
-    ``{split}.jsonl.gz``), or a hub dataset id such as ``"Anthropic/hh-rlhf"``.  Hub rows need the
-    optional ``datasets`` package and go through the same validation as file rows, reported as
-    ``"{source}[{split}]:{index + 1}: {reason}"``.
-
-    Raises:
-        FileNotFoundError: a directory without the split file, or a path-like ``source`` (a ``Path``,
-            or a str starting with ``/``, ``.`` or ``~`` or ending in ``.jsonl``/``.json``/``.gz``)
-            that does not exist.
-        ImportError: a hub id is given and ``datasets`` is not installed.
-        DataError: any bad row, or no rows.
-    """
-    _check_limit(limit)
-    local = Path(source).expanduser() if isinstance(source, str) else source
-    if local.is_dir():
-        for name in (f"{split}.jsonl", f"{split}.jsonl.gz"):
-            if (local / name).is_file():
-                return load_preference_pairs(local / name, limit)
-        raise FileNotFoundError(
-            errno.ENOENT, f"no {split}.jsonl or {split}.jsonl.gz in HH-RLHF directory", str(local)
-        )
-    if local.exists():
-        return load_preference_pairs(local, limit)
-    if _looks_like_local_path(source):
-        raise FileNotFoundError(errno.ENOENT, "no such HH-RLHF file or directory", str(source))
-
+def data_kind(data_dir: _PathLike) -> str:
+    """``"world"`` for the synthetic world's data (it has a gold judge), ``"hh-rlhf"`` for imported HH-RLHF
+    (:func:`write_layout`); read from the folder's ``stats.json``."""
+    path = Path(data_dir) / "stats.json"
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no stats.json in the data folder (write one with `python -m "
+                                "rlhf_lite data`)", str(path))
     try:
-        import datasets
-    except ImportError as e:
-        raise ImportError(
-            f"{source!r} is not a local file or directory, so it is treated as a Hugging Face hub "
-            "dataset id, which needs the optional 'datasets' package: pip install datasets"
-        ) from e
-    label = f"{source}[{split}]"
-    dataset = datasets.load_dataset(str(source), split=split)
-
-    def pairs() -> Iterator[PreferencePair]:
-        for index, item in enumerate(dataset):
-            row = dict(item)
-            _check_required(row, _PAIR_KEYS, label, index + 1)
-            yield _row_to_pair(row, label, index + 1)
-
-    return _collect(pairs(), limit, label)
+        stats = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"not valid JSON: {e}", path) from e
+    return stats.get("kind", "world")

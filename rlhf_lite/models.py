@@ -1,14 +1,12 @@
 """The model layer: one base model hosting named LoRA adapters, plus the heads RLHF needs.
 
-Paper Sec. 2 (PAPER.md Sec. 1-2) uses four models: policy, reference, critic and reward model. On one
-GPU we keep **one** base model and give the policy, critic and reward model each a LoRA adapter on it
-(peft); the critic and reward model also get a small linear head on the last hidden state. The
-reference model is the base itself with every adapter disabled, which is exactly the SFT model as long
-as the base *is* the SFT model. This is the arrangement both profiles use:
-
-* ``tiny``: a few-layer ``LlamaForCausalLM`` built from a config and trained from scratch (SFT is a
-  full-parameter fine-tune, then the SFT weights become the base);
-* ``gpu``: a Hugging Face model loaded with ``from_pretrained``, optionally in 4-bit NF4.
+The paper's PPO uses four models: policy, reference, critic and reward model (docs/paper.md Sec. 1-2). On
+one GPU we keep **one** base model and give the policy, critic and reward model each a LoRA adapter on it
+(peft); the critic and reward model also get a small linear head on the last hidden state. The reference
+model is the base itself with every adapter disabled, which is exactly the SFT model as long as the base
+*is* the SFT model: the SFT stage makes sure of that (the tiny model is fine-tuned in full; a pretrained
+model's SFT adapter is merged into it). Every profile uses this arrangement; only how the base is loaded
+differs (:mod:`rlhf_lite.loading`).
 """
 
 from __future__ import annotations
@@ -18,20 +16,20 @@ import copy
 import json
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from .batching import BUCKET_OVERHEAD, length_buckets
-from .utils import quiet_hf_progress
+from .lora import MergedLoraLinear, adapter_view
 
-ADAPTER_FILE = "adapter.pt"
-ADAPTER_META = "adapter.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HEAD_WEIGHTS = "head.safetensors"
 
 
 @dataclass(frozen=True)
@@ -84,176 +82,13 @@ def build_tiny_model(vocab_size: int, pad_id: int, eos_id: int, cfg: TinyModelCo
         return LlamaForCausalLM(config)
 
 
-def guard_bnb_repack(model: nn.Module) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
-
-    On CPUs with AVX512-BF16, an eval-mode ``Linear4bit`` forward under ``no_grad`` permanently repacks
-    its weight; later backward passes then run through a kernel without autograd and LoRA gradients
-    silently become ``None`` (see shared/STACK.md). Returns the number of layers guarded.
-    """
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
-
-
-def pick_compute_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 where the GPU supports it, fp16 on older GPUs such as a T4, fp32 on the CPU."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return torch.float32
-    # A T4 only emulates bf16 (slowly); count native support only, so it gets fp16.
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-
-
-def load_causal_lm(
-    name_or_path: str | Path,
-    quantize_4bit: bool = False,
-    compute_dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-) -> PreTrainedModel:
-    """Load a causal LM by hub name or local folder, optionally as a 4-bit NF4 base.
-
-    The 4-bit path works on the CPU too (tested with a tiny model saved to a folder); the repack
-    guard is applied after loading.
-    """
-    device = torch.device(device)
-    compute_dtype = compute_dtype or pick_compute_dtype(device)
-    kwargs: dict = {"dtype": compute_dtype}
-    if quantize_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
-    quiet_hf_progress()
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
-    if not quantize_4bit:
-        model.to(device)
-    guard_bnb_repack(model)
-    return model
-
-
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that ignore padding: (B, T) mask -> (B, T) ids, so left padding changes nothing."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``W + scale * B A`` in W's dtype: W (out, in), A (r, in), B (out, r). The one formula of every merged
-    pass, so that sampling (no grad) and training passes round alike."""
-    return torch.addmm(weight, lora_b.to(weight.dtype), lora_a.to(weight.dtype), alpha=scale)
-
-
-class _MergedLoraFn(torch.autograd.Function):
-    """``y = x (W + s B A)^T`` with the backward of a LoRA layer, not of a full weight (LoRA, Hu et al. 2021).
-
-    Autograd through the merged weight would form dL/dW (one more matmul as large as the forward's) and
-    only then reduce it to A and B. Here dA and dB come from rank-r products, as in a separate adapter
-    branch: the backward costs one full matmul (dL/dx) plus four thin ones.
-    Shapes: x (..., in), W (out, in), A (r, in), B (out, r).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scale: float) -> torch.Tensor:
-        merged = merge_lora(weight, lora_a, lora_b, scale)
-        ctx.save_for_backward(x, merged, lora_a, lora_b)
-        ctx.scale = scale
-        return F.linear(x, merged)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, merged, lora_a, lora_b = ctx.saved_tensors
-        grad_x = grad_out @ merged if ctx.needs_input_grad[0] else None
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        grad_b = (g2.t() @ (x2 @ a.t())).mul_(ctx.scale)  # (out, N) (N, r) -> (out, r)
-        grad_a = ((g2 @ b).t() @ x2).mul_(ctx.scale)  # (r, N) (N, in) -> (r, in)
-        return grad_x, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None
-
-
-class MergedLoraLinear(nn.Module):
-    """One adapter of a peft LoRA layer as a single linear map with weight ``W + s B A``.
-
-    Holds references (not copies) to the base layer and the adapter's A and B, so optimizer steps and
-    loaded states are seen at once. ``freeze``/``unfreeze`` hold a precomputed merged weight for a run
-    of no-grad calls (the sampler's one call per token); otherwise every call merges afresh.
-    """
-
-    def __init__(self, layer: nn.Module, name: str) -> None:
-        super().__init__()
-        # A tuple, not attributes: submodules here would repeat the base's parameters in the view.
-        self._parts = (layer.get_base_layer(), layer.lora_A[name], layer.lora_B[name])
-        self.scale = float(layer.scaling[name])
-        self._frozen: torch.Tensor | None = None
-        self._holds = 0
-
-    def merged_weight(self) -> torch.Tensor:
-        """``W + s B A`` (out, in), in the base weight's dtype; differentiable in A and B."""
-        base, a, b = self._parts
-        return merge_lora(base.weight, a.weight, b.weight, self.scale)
-
-    def freeze(self) -> None:
-        if self._holds == 0:
-            with torch.no_grad():
-                self._frozen = self.merged_weight()
-        self._holds += 1
-
-    def unfreeze(self) -> None:
-        self._holds -= 1
-        if self._holds == 0:
-            self._frozen = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base, a, b = self._parts
-        if self._frozen is not None and not torch.is_grad_enabled():
-            y = F.linear(x, self._frozen)
-        elif torch.is_grad_enabled() and (a.weight.requires_grad or b.weight.requires_grad):
-            y = _MergedLoraFn.apply(x, base.weight, a.weight, b.weight, self.scale)
-        else:
-            y = F.linear(x, self.merged_weight())
-        return y if base.bias is None else y + base.bias
-
-
-def adapter_view(model: nn.Module, name: str | None) -> nn.Module:
-    """A copy of ``model`` (a peft-injected causal LM) that computes as adapter ``name`` with merged weights.
-
-    Only the modules on the way to a LoRA layer are copied (shallowly: they share their parameter and
-    buffer dicts with the original); every LoRA layer becomes a :class:`MergedLoraLinear` of adapter
-    ``name``, or its plain base layer for ``name=None`` (the reference model). Nothing is copied that
-    holds weights, so the view costs no memory and sees every update of the base and the adapters.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    if isinstance(model, LoraLayer):
-        return model.get_base_layer() if name is None else MergedLoraLinear(model, name)
-    if not any(isinstance(m, LoraLayer) for m in model.modules()):
-        return model  # shared as it is
-    view = copy.copy(model)
-    view._modules = {key: None if child is None else adapter_view(child, name)
-                     for key, child in model._modules.items()}
-    return view
-
-
-@dataclass
-class StackSpec:
-    """What an :class:`AdapterStack` holds, saved next to its adapters."""
-
-    adapters: list[str]
-    lora: LoraSettings
-    heads: dict[str, bool] = field(default_factory=dict)  # head name -> has bias
-
-
 class AdapterStack(nn.Module):
-    """One base causal LM hosting named LoRA adapters and scalar heads (PAPER.md Sec. 1-2).
+    """One base causal LM hosting named LoRA adapters and scalar heads (docs/paper.md Sec. 1-2).
 
     * ``logits(name, ...)`` runs the LM with adapter ``name`` (``None``: adapters disabled, i.e. the
       reference model);
@@ -449,65 +284,78 @@ class AdapterStack(nn.Module):
 
     # ----- adapter surgery and persistence --------------------------------------------------------
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        """LoRA weights of ``name`` (keys without the adapter name) plus its head, on the CPU."""
-        suffix = f".{name}.weight"
-        state = {
-            "lora." + n[: -len(suffix)]: p.detach().cpu().clone()
-            for n, p in self.peft.named_parameters() if "lora_" in n and n.endswith(suffix)
-        }
-        if name in self.heads:
-            for k, v in self.heads[name].state_dict().items():
-                state["head." + k] = v.detach().cpu().clone()
-        return state
+        """LoRA weights of ``name`` in peft's file layout (keys without the adapter name), on the CPU."""
+        from peft.utils import get_peft_model_state_dict
 
-    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        """Inverse of :meth:`adapter_state`; a state saved under another adapter name loads too."""
-        params = dict(self.peft.named_parameters())
-        lora_keys = [k for k in state if k.startswith("lora.")]
-        if not lora_keys:
+        state = get_peft_model_state_dict(self.peft, adapter_name=name)
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    def head_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The scalar head of ``name`` ({} for the policy, which has none), on the CPU."""
+        if name not in self.heads:
+            return {}
+        return {k: v.detach().cpu().clone() for k, v in self.heads[name].state_dict().items()}
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], head: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`adapter_state` and :meth:`head_state`; a state saved under another name loads too."""
+        from peft.utils import set_peft_model_state_dict
+
+        if not state:
             raise ValueError(f"no LoRA weights in the state for adapter {name!r}")
-        with torch.no_grad():
-            for key in lora_keys:
-                target = f"{key[len('lora.'):]}.{name}.weight"
-                if target not in params:
-                    raise KeyError(f"adapter weight {target} not found: was it saved from another model?")
-                params[target].copy_(state[key].to(params[target].dtype))
-            if name in self.heads:
-                head = self.heads[name]
-                head.weight.copy_(state["head.weight"])
-                if head.bias is not None:
-                    head.bias.copy_(state.get("head.bias", torch.zeros_like(head.bias)))
+        result = set_peft_model_state_dict(self.peft, state, adapter_name=name)
+        unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+        if unexpected:
+            raise ValueError(f"adapter weights {unexpected[:3]} do not fit this model: saved from another model?")
+        self._lora_trainable()
+        if name in self.heads:
+            h = self.heads[name]
+            with torch.no_grad():
+                h.weight.copy_(head["weight"])
+                if h.bias is not None:
+                    h.bias.copy_(head.get("bias", torch.zeros_like(h.bias)))
 
     def copy_adapter(self, src: str, dst: str) -> None:
-        """Initialise adapter ``dst`` from ``src`` (PPO-max: the critic starts as the reward model)."""
-        self.load_adapter_state(dst, self.adapter_state(src))
+        """Initialise adapter ``dst`` from ``src`` (PPO-max #4: the critic starts as the reward model)."""
+        self.load_adapter_state(dst, self.adapter_state(src), self.head_state(src))
 
-    def save_adapter(self, name: str, out_dir: str | Path) -> None:
-        """Write adapter ``name`` with its head: ``adapter.pt`` and ``adapter.json``."""
-        out = Path(out_dir)
+    def save_adapter(self, name: str, folder: str | Path) -> Path:
+        """Write adapter ``name`` to ``folder`` in peft's format, so that ``PeftModel.from_pretrained(base,
+        folder)`` loads it: ``adapter_config.json`` and ``adapter_model.safetensors``, plus ``head.safetensors``
+        for a critic or reward head. Returns ``folder``."""
+        from safetensors.torch import save_file
+
+        out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save(self.adapter_state(name), out / ADAPTER_FILE)
-        meta = {"name": name, "lora": asdict(self.lora), "head_bias": self.HEAD_BIAS.get(name)}
-        (out / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
+        config = copy.deepcopy(self.peft.peft_config[name])
+        config.inference_mode = True
+        config.save_pretrained(str(out))
+        save_file(self.adapter_state(name), str(out / ADAPTER_WEIGHTS))
+        if name in self.heads:
+            save_file(self.head_state(name), str(out / HEAD_WEIGHTS))
+        return out
 
-    def load_adapter(self, name: str, in_dir: str | Path) -> None:
-        """Load an adapter written by :meth:`save_adapter` into slot ``name``."""
-        path = Path(in_dir) / ADAPTER_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: expected an adapter folder written by rlhf_lite")
-        meta = json.loads((Path(in_dir) / ADAPTER_META).read_text())
-        saved = LoraSettings(**{**meta["lora"], "target_modules": tuple(meta["lora"]["target_modules"])})
+    def load_adapter(self, name: str, folder: str | Path) -> None:
+        """Load an adapter folder written by :meth:`save_adapter` into slot ``name``; its LoRA settings must
+        equal this stack's."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        saved = read_lora_settings(folder)
         if saved != self.lora:
-            raise ValueError(f"adapter in {in_dir} was trained with {saved}, but this stack uses {self.lora}")
-        self.load_adapter_state(name, torch.load(path, map_location="cpu", weights_only=True))
+            raise ValueError(f"adapter in {folder} was trained with {saved}, but this stack uses {self.lora}")
+        head = load_file(str(folder / HEAD_WEIGHTS)) if name in self.heads else {}
+        self.load_adapter_state(name, load_file(str(folder / ADAPTER_WEIGHTS)), head)
 
 
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Temporarily put ``module`` in eval mode (dropout off), restoring its mode afterwards."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
+def read_lora_settings(folder: str | Path) -> LoraSettings:
+    """The :class:`LoraSettings` of an adapter folder (its ``adapter_config.json``); FileNotFoundError naming
+    the folder when it holds no adapter."""
+    folder = Path(folder)
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{folder} holds no adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} expected)")
+    cfg = json.loads(path.read_text())
+    known = LoraSettings().target_modules  # peft stores targets as a set: restore our order
+    targets = set(cfg["target_modules"])
+    order = tuple(m for m in known if m in targets) + tuple(sorted(targets - set(known)))
+    return LoraSettings(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"], target_modules=order)

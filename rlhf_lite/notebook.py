@@ -84,7 +84,7 @@ def ensure_rm(cfg=None, out: Path | None = None, sft_dir: Path | None = None) ->
 def ensure_ppo(preset: str, cfg=None, out: Path | None = None) -> dict:
     """A PPO run's summary for ``preset`` (or an explicit config), reusing an identical finished run."""
     from .ppo.config import get_preset
-    from .ppo.trainer import run_ppo
+    from .ppo.stage import run_ppo
 
     cfg = cfg or get_preset(preset)
     out = out or RUNS / "ppo" / f"{preset}_seed{cfg.seed}"

@@ -14,6 +14,15 @@ def _save(fig, path: str | Path | None) -> None:
         fig.savefig(path, dpi=90, bbox_inches="tight")
 
 
+def _finish(fig, path: str | Path | None):
+    """Lay out, save to ``path`` (if given; the figure is then closed) and return the figure."""
+    fig.tight_layout()
+    _save(fig, path)
+    if path is not None:
+        plt.close(fig)
+    return fig
+
+
 def plot_sft(metrics_path: str | Path, out_path: str | Path | None, summary: dict | None = None):
     """Training loss of pretraining and SFT, and the gold score over steps."""
     rows = read_metrics(metrics_path)
@@ -23,22 +32,23 @@ def plot_sft(metrics_path: str | Path, out_path: str | Path | None, summary: dic
         if pts:
             ax1.plot(*zip(*pts), color=color, label=f"{phase} loss")
     ax1.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title="SFT stage: training loss")
-    ax1.legend()
+    if ax1.get_legend_handles_labels()[0]:
+        ax1.legend()
     pts = [(r["step"], r["gold_score"]) for r in rows if "gold_score" in r]
+    if not pts:  # no gold judge (HH-RLHF data)
+        ax2.axis("off")
+        return _finish(fig, out_path)
     ax2.plot(*zip(*pts), marker="o", color="tab:green", label="model samples")
     if summary and "gold_score_demos" in summary:
         ax2.axhline(summary["gold_score_demos"], ls="--", color="k", label="demonstrations")
     ax2.set(xlabel="optimizer step", ylabel="mean gold score (test prompts)", title="Gold score during SFT")
     ax2.legend()
-    fig.tight_layout()
-    _save(fig, out_path)
-    if out_path is not None:
-        plt.close(fig)
-    return fig
+    return _finish(fig, out_path)
 
 
 def plot_rm(rm_dir: str | Path, out_path: str | Path | None = None):
-    """The RM report: Fig. 2 and 3 analogues, RM against gold and length, and the exploit probe."""
+    """The RM report: Fig. 2 and 3 analogues, RM against length, and (with a gold judge) RM against gold and
+    the exploit probe."""
     import json
 
     import numpy as np
@@ -46,7 +56,8 @@ def plot_rm(rm_dir: str | Path, out_path: str | Path | None = None):
     rm_dir = Path(rm_dir)
     rows = read_metrics(rm_dir / "metrics.jsonl")
     sc = np.load(rm_dir / "test_scores.npz")
-    probe = [json.loads(line) for line in (rm_dir / "probe.jsonl").read_text().splitlines()]
+    probe_file = rm_dir / "probe.jsonl"
+    probe = [json.loads(line) for line in probe_file.read_text().splitlines()] if probe_file.exists() else []
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     ax = axes[0, 0]
     ax.hist(sc["margins"], bins=40, color="tab:blue", alpha=0.8)
@@ -62,13 +73,18 @@ def plot_rm(rm_dir: str | Path, out_path: str | Path | None = None):
     ax.plot([r["step"] for r in rows], [r["rank_loss"] for r in rows], color="tab:red", alpha=0.6)
     ax.set(xlabel="optimizer step", ylabel="-log sigmoid(margin)", title="Ranking loss (train batches)")
     ax = axes[1, 0]
-    ax.scatter(sc["gold"], sc["rm"], s=4, alpha=0.3)
-    ax.set(xlabel="gold score", ylabel="RM score", title="RM against the gold judge (test responses)")
+    if "gold" in sc:
+        ax.scatter(sc["gold"], sc["rm"], s=4, alpha=0.3)
+        ax.set(xlabel="gold score", ylabel="RM score", title="RM against the gold judge (test responses)")
+    else:
+        ax.axis("off")
     ax = axes[1, 1]
     jitter = np.random.default_rng(0).uniform(-0.3, 0.3, len(sc["length"]))
     ax.scatter(sc["length"] + jitter, sc["rm"], s=4, alpha=0.3, color="tab:purple")
     ax.set(xlabel="response length (tokens)", ylabel="RM score", title="RM against length (test responses)")
     ax = axes[1, 2]
+    if not probe:
+        ax.axis("off")
     for kind, ls in (("distinct", "-"), ("repeated", "--")):
         ks = sorted({r["fillers"] for r in probe if r["kind"] == kind or r["fillers"] == 0})
         for key, color in (("rm", "tab:blue"), ("gold", "tab:green")):
@@ -76,12 +92,9 @@ def plot_rm(rm_dir: str | Path, out_path: str | Path | None = None):
             ax.plot(ks, ys, ls=ls, marker="o", color=color, label=f"{key.upper()} ({kind} fillers)")
     ax.set(xlabel="filler phrases appended to a correct answer", ylabel="mean score",
            title="Exploit probe: padding a correct answer")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, out_path)
-    if out_path is not None:
-        plt.close(fig)
-    return fig
+    if probe:
+        ax.legend(fontsize=8)
+    return _finish(fig, out_path)
 
 
 PPO_PANELS = (
@@ -127,11 +140,7 @@ def plot_ppo(run_dirs, out_path=None, labels=None, panels=PPO_PANELS, sft_gold: 
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("PPO monitors (dotted line: collapse detected)", y=1.0)
-    fig.tight_layout()
-    _save(fig, out_path)
-    if out_path is not None:
-        plt.close(fig)
-    return fig
+    return _finish(fig, out_path)
 
 
 def plot_overoptimization(run_dirs, out_path=None, labels=None):
@@ -153,8 +162,4 @@ def plot_overoptimization(run_dirs, out_path=None, labels=None):
             title="The truth: gold score against KL")
     for ax in (ax1, ax2):
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, out_path)
-    if out_path is not None:
-        plt.close(fig)
-    return fig
+    return _finish(fig, out_path)

@@ -1,43 +1,47 @@
-"""Stage 1: supervised fine-tuning (PAPER.md Sec. 1, step 1).
+"""Stage 1: supervised fine-tuning (docs/paper.md Sec. 1, step 1), for every profile.
 
-The paper starts from an SFT model; nothing can be downloaded here, so the tiny profile makes one:
+The paper starts from an SFT model. Here the SFT stage makes one, in one of two ways:
 
-1. **LM pretraining** on world text (every preference transcript, good and bad responses alike), so the
-   model learns the language of the world but not which answers are good: this is the "pretrained,
-   non-SFT" model of the paper's Fig. 8.
-2. **SFT** on the demonstrations, with the loss on response tokens (and EOS) only.
+* **the tiny model, from scratch**: (1) LM pretraining on world text (every preference transcript, good and
+  bad responses alike), so the model learns the language of the world but not which answers are good: the
+  "pretrained, non-SFT" model of the paper's Fig. 8; (2) SFT on the demonstrations, with the loss on
+  response tokens (and EOS) only. Both are full-parameter fine-tunes.
+* **a pretrained model, with LoRA**: SFT of a LoRA adapter on the demonstrations in the model's chat
+  template (QLoRA when the profile quantizes the base), then the adapter is merged into a float copy of the
+  base.
 
-Both are full-parameter fine-tunes of a small from-scratch Llama. The SFT weights then become the
-base that later stages put adapters on, so that disabling the adapters gives the reference model.
+Either way ``out/model`` is a plain Hugging Face model folder. Later stages put their adapters on it, so
+disabling the adapters gives exactly the SFT model: the reference model of PPO.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedModel
 
 from . import data as data_mod
-from .batching import encode_examples, length_buckets, pad_batch
-from .evaluation import evaluate_gold, gold_of_responses
-from .models import TinyModelConfig, build_tiny_model, position_ids_from_mask
-from .tokenizer import load_tokenizer
-from .utils import DATA_DIR, MetricsLog, Stopwatch, progress, quiet_hf_progress, seed_everything, write_json
+from .batching import length_buckets, pad_batch
+from .evaluation import evaluate_gold
+from .models import position_ids_from_mask
+from .settings import check_common, positive, require, to_dict
+from .stage import begin_stage, data_fingerprint, eval_prompts, gold_judge_for
+from .text import encode_pair_texts, model_prompt
+from .utils import DATA_DIR, MetricsLog, progress, seed_everything, write_json
 
 
 @dataclass(frozen=True)
 class SFTConfig:
-    """Settings of the SFT stage (tiny profile: pretraining then SFT of a from-scratch model)."""
+    """Settings of the SFT stage (tiny model: pretraining then SFT from scratch; pretrained model: LoRA SFT)."""
 
     pretrain_steps: int = 350
-    """Optimizer steps of LM pretraining on world text (loss on every token)."""
+    """Optimizer steps of LM pretraining on world text (loss on every token); 0 for a pretrained model."""
     sft_steps: int = 400
     """Optimizer steps of SFT on demonstrations (loss on response tokens only)."""
     batch_size: int = 64
@@ -56,18 +60,21 @@ class SFTConfig:
     """Response budget when sampling for the gold measurement."""
     n_eval_prompts: int = 256
     """Test prompts used for every gold measurement."""
+    max_len: int | None = None
+    """Token budget of a demonstration (longer ones lose prompt tokens from the left); None: the tiny
+    model's context (an error if one does not fit), or 512 tokens for a pretrained model."""
     seed: int = 0
     """Seed of initialisation, batch order and dropout."""
 
     def validate(self) -> None:
-        """Fail before training on impossible values."""
-        for name in ("batch_size", "max_new_tokens", "n_eval_prompts", "log_every", "eval_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"SFTConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.pretrain_steps < 0 or self.sft_steps < 0:
-            raise ValueError("SFTConfig.pretrain_steps and sft_steps must be >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"SFTConfig.lr must be > 0, got {self.lr}")
+        """Fail before training on impossible values, naming the field."""
+        check_common(self)
+        positive(self, "batch_size", "max_new_tokens", "n_eval_prompts", "log_every", "eval_every", "lr")
+        require(self, self.pretrain_steps >= 0, "pretrain_steps", "must be >= 0")
+        require(self, self.sft_steps >= 0, "sft_steps", "must be >= 0")
+        require(self, self.warmup_steps >= 1, "warmup_steps", "must be >= 1")
+        require(self, self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self, self.max_len is None or self.max_len > 1, "max_len", "must be > 1 or None")
 
 
 def lr_lambda(warmup: int, total: int):
@@ -96,112 +103,147 @@ def lm_loss(model: PreTrainedModel, ids: torch.Tensor, att: torch.Tensor, loss_m
     return total / max(count, 1)
 
 
-def _encode_all(tok: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]], max_len: int, response_only: bool
-                ) -> list[tuple[list[int], list[int]]]:
-    enc = encode_examples(tok, [p for p, _ in pairs], [r for _, r in pairs], max_len)
-    return enc if response_only else [(ids, [1] * len(ids)) for ids, _ in enc]
+@dataclass
+class Phase:
+    """One training phase: its name, examples (ids, loss mask) and step count."""
+
+    name: str
+    examples: list[tuple[list[int], list[int]]]
+    steps: int
+    step0: int = 0
 
 
-def _train_phase(
-    model: PreTrainedModel, examples: list[tuple[list[int], list[int]]], steps: int, cfg: SFTConfig,
-    pad_id: int, rng: random.Random, log: MetricsLog, phase: str, step0: int, on_eval,
-) -> None:
-    """One phase (pretraining or SFT): AdamW with warm-up and cosine decay over random batches."""
-    if steps == 0:
+def train_phase(model, params: Sequence[torch.nn.Parameter], phase: Phase, cfg: SFTConfig, pad_id: int,
+                rng: random.Random, log: MetricsLog, on_eval, make_optimizer) -> None:
+    """One phase (pretraining or SFT): AdamW with warm-up and cosine decay over random batches, gradient
+    norm clipped to 1. ``model`` is the causal LM that computes the loss (the tiny model, or a pretrained
+    model with its SFT adapter); ``params`` are what the optimizer trains."""
+    if phase.steps == 0:
         return
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, steps))
+    opt = make_optimizer(params, cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, phase.steps))
     model.train()
+    device = next(iter(params)).device
     running = 0.0
-    bar = progress(range(steps), phase)
+    bar = progress(range(phase.steps), phase.name)
     for step in bar:
-        batch = rng.sample(examples, cfg.batch_size) if len(examples) >= cfg.batch_size else examples
-        ids, att, lm = pad_batch([b[0] for b in batch], [b[1] for b in batch], pad_id)
+        batch = rng.sample(phase.examples, cfg.batch_size) if len(phase.examples) >= cfg.batch_size else phase.examples
+        ids, att, lm = (t.to(device) for t in pad_batch([b[0] for b in batch], [b[1] for b in batch], pad_id))
         loss = lm_loss(model, ids, att, lm)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         running += loss.item()
         if (step + 1) % cfg.log_every == 0:
-            log.log({"phase": phase, "step": step0 + step + 1, "loss": running / cfg.log_every,
+            log.log({"phase": phase.name, "step": phase.step0 + step + 1, "loss": running / cfg.log_every,
                      "lr": sched.get_last_lr()[0]})
             bar.set_postfix(loss=f"{running / cfg.log_every:.3f}")
             running = 0.0
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
-            on_eval(phase, step0 + step + 1)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == phase.steps:
+            on_eval(phase.name, phase.step0 + step + 1)
+
+
+def encode_demos(tok, rows: Sequence[tuple[str, str]], max_len: int, truncate: bool, system_prompt: bool,
+                 response_only: bool = True) -> list[tuple[list[int], list[int]]]:
+    """Token ids and loss masks of (HH prompt, response) rows in the model's format; the loss mask is the
+    response (and EOS) for SFT, every token for LM pretraining (``response_only=False``)."""
+    texts = [model_prompt(tok, p, system_prompt) for p, _ in rows]
+    enc = encode_pair_texts(tok, texts, [r for _, r in rows], max_len, truncate=truncate)
+    return enc if response_only else [(ids, [1] * len(ids)) for ids, _ in enc]
 
 
 def train_sft(out_dir: str | Path, cfg: SFTConfig | None = None, data_dir: str | Path = DATA_DIR,
-              model_cfg: TinyModelConfig | None = None) -> dict:
-    """Run the tiny profile's SFT stage end to end; write model, metrics, plots and summary.json.
+              profile=None) -> dict:
+    """Run the SFT stage of ``profile`` (default: tiny) end to end; write model, metrics, plots and summary.json.
 
-    Writes ``out_dir/model`` (the SFT model and tokenizer, the base for later stages),
-    ``out_dir/pretrained`` (the LM-pretrained model before SFT), ``metrics.jsonl``, ``summary.json``
-    and ``sft_curves.png``. Returns the summary.
+    Writes ``out_dir/model`` (the SFT model and tokenizer, the base of later stages), ``metrics.jsonl``,
+    ``summary.json`` and ``sft_curves.png``; the tiny model also writes ``out_dir/pretrained`` (the
+    LM-pretrained model before SFT), a pretrained model its SFT adapter in ``out_dir/sft_adapter``.
+    Returns the summary.
     """
-    cfg = cfg or SFTConfig()
-    model_cfg = model_cfg or TinyModelConfig()
-    cfg.validate()
-    timer = Stopwatch()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from .profiles import TINY
+    from .sft_models import make_sft_model, save_sft_model
+
+    profile = profile or TINY
+    cfg = cfg or profile.sft
+    out, timer = begin_stage(out_dir, cfg, profile)
     data_dir = Path(data_dir)
-    tok = load_tokenizer(data_dir / "tokenizer.json")
     sft_rows = data_mod.load_sft(data_dir / "sft.jsonl")
-    pref_pairs = data_mod.load_preference_pairs(data_dir / "prefs_train.jsonl")
-    test_prompts = [r["prompt"] for r in data_mod.load_prompts(data_dir / "prompts_test.jsonl")][: cfg.n_eval_prompts]
+    pref_pairs = data_mod.load_preference_pairs(data_dir / "prefs_train.jsonl") if cfg.pretrain_steps else []
+    judge = gold_judge_for(data_dir)
 
     seed_everything(cfg.seed)
     rng = random.Random(cfg.seed)
-    model = build_tiny_model(len(tok), tok.pad_token_id, tok.eos_token_id, model_cfg, cfg.seed)
-    max_len = model_cfg.max_positions
-    pretrain_text = [(p.prompt, r) for p in pref_pairs for r in (p.chosen, p.rejected)]
-    pretrain = _encode_all(tok, pretrain_text, max_len, response_only=False)
-    demos = _encode_all(tok, [(r["prompt"], r["response"]) for r in sft_rows], max_len, response_only=True)
+    sm = make_sft_model(profile, data_dir, cfg.seed)  # the model to train, its tokenizer and trainable params
+    tok, system = sm.tokenizer, profile.model.system_prompt
+    test_prompts = eval_prompts(tok, data_dir, cfg.n_eval_prompts, system) if judge else []
+    max_len = cfg.max_len or sm.context
+    truncate = not profile.model.is_tiny
+    pretrain = encode_demos(tok, [(p.prompt, r) for p in pref_pairs for r in (p.chosen, p.rejected)], max_len,
+                            truncate, system, response_only=False)
+    demos = encode_demos(tok, [(r["prompt"], r["response"]) for r in sft_rows], max_len, truncate, system)
 
     log = MetricsLog(out / "metrics.jsonl")
-
     last_eval = {}  # phase -> its final evaluation, reused for the summary (no second sampling pass)
 
-    def gold(phase: str, step: int) -> float:
-        ev = evaluate_gold(model, tok, test_prompts, cfg.max_new_tokens)
-        last_eval[phase] = ev
-        mean_len = sum(ev.lengths) / len(ev.lengths)
-        log.log({"phase": phase, "step": step, "gold_score": ev.score, "response_length": mean_len,
-                 **{f"gold/{k}": v for k, v in ev.report.items() if k not in ("overall", "n")}})
-        return ev.score
+    def gold(phase: str | None = None, step: int = 0):
+        if judge is None:
+            return None
+        with torch.no_grad(), sm.causal_lm() as lm:
+            ev = evaluate_gold(lm, tok, test_prompts, cfg.max_new_tokens, judge, device=sm.device)
+        if phase is not None:
+            last_eval[phase] = ev
+            log.log({"phase": phase, "step": step, "gold_score": ev.score,
+                     "response_length": sum(ev.lengths) / len(ev.lengths),
+                     **{f"gold/{k}": v for k, v in ev.by_category.items()}})
+        return ev
 
-    before = evaluate_gold(model, tok, test_prompts, cfg.max_new_tokens)
-    log.log({"phase": "init", "step": 0, "gold_score": before.score})
-    _train_phase(model, pretrain, cfg.pretrain_steps, cfg, tok.pad_token_id, rng, log, "pretrain", 0, gold)
-    model.save_pretrained(out / "pretrained")
-    tok.save_pretrained(out / "pretrained")
-    pretrained_eval = last_eval.get("pretrain") or evaluate_gold(model, tok, test_prompts, cfg.max_new_tokens)
-    _train_phase(model, demos, cfg.sft_steps, cfg, tok.pad_token_id, rng, log, "sft", cfg.pretrain_steps, gold)
-    model.eval()
-    after = last_eval.get("sft") or evaluate_gold(model, tok, test_prompts, cfg.max_new_tokens)
-    model.save_pretrained(out / "model")
-    tok.save_pretrained(out / "model")
+    before = gold()
+    if before is not None:
+        log.log({"phase": "init", "step": 0, "gold_score": before.score})
+    with sm.causal_lm() as lm:
+        train_phase(lm, sm.params, Phase("pretrain", pretrain, cfg.pretrain_steps), cfg, tok.pad_token_id, rng,
+                    log, gold, sm.make_optimizer)
+    pretrained_eval = before  # a pretrained model's SFT starts from the pretrained model itself
+    if profile.model.is_tiny:  # the Fig. 8 ablation starts PPO from the model before SFT
+        sm.model.save_pretrained(out / "pretrained")
+        tok.save_pretrained(out / "pretrained")
+        pretrained_eval = last_eval.get("pretrain") or gold()
+    with sm.causal_lm() as lm:
+        train_phase(lm, sm.params, Phase("sft", demos, cfg.sft_steps, cfg.pretrain_steps), cfg, tok.pad_token_id,
+                    rng, log, gold, sm.make_optimizer)
+    sm.model.eval()
+    after = last_eval.get("sft") or gold()
+    trainable = sum(p.numel() for p in sm.params)
+    save_sft_model(sm, profile, out)
     log.close()
 
-    demo_gold = gold_of_responses([r["prompt"] for r in sft_rows], [r["response"] for r in sft_rows])
     summary = {
         "stage": "sft",
-        "config": asdict(cfg),
-        "model": asdict(model_cfg),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "gold_score_before": before.score,
-        "gold_score_pretrained": pretrained_eval.score,
-        "gold_score_after": after.score,
-        "gold_score_demos": demo_gold["overall"],
-        "gold_after_by_category": {k: v for k, v in after.report.items() if k not in ("overall", "n")},
-        "response_length_after": sum(after.lengths) / len(after.lengths),
-        "samples_before": before.samples(4),
-        "samples_after": after.samples(8),
-        "wall_seconds": timer(),
+        "profile": profile.name,
+        "config": to_dict(cfg),
+        "model": to_dict(profile.model),
+        "base_source": sm.source,
+        "provenance": {"data": data_fingerprint(data_dir), "seed": cfg.seed},
+        "parameters": sm.parameters,
+        "trainable_parameters": trainable,
+        "wall_seconds": None,
     }
+    if judge is not None:
+        demo = judge.report([r["prompt"] for r in sft_rows], [r["response"] for r in sft_rows], [True] * len(sft_rows))
+        summary.update({
+            "gold_score_before": before.score,
+            "gold_score_pretrained": pretrained_eval.score if pretrained_eval else None,
+            "gold_score_after": after.score,
+            "gold_score_demos": demo["overall"],
+            "gold_after_by_category": after.by_category,
+            "response_length_after": sum(after.lengths) / len(after.lengths),
+            "samples_before": before.samples(4),
+            "samples_after": after.samples(8),
+        })
+    summary["wall_seconds"] = timer()
     write_json(out / "summary.json", summary)
     from .plotting import plot_sft
 
@@ -209,26 +251,4 @@ def train_sft(out_dir: str | Path, cfg: SFTConfig | None = None, data_dir: str |
     return summary
 
 
-def load_sft_model(sft_dir: str | Path, which: str = "model") -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load the SFT (``which="model"``) or pretrained (``"pretrained"``) model written by train_sft."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(sft_dir) / which
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} has no model: run `python -m rlhf_lite sft --out {sft_dir}` first")
-    quiet_hf_progress()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), load_tokenizer(path / "tokenizer.json")
-
-
-def model_fingerprint(sft_dir: str | Path, which: str = "model") -> dict[str, str]:
-    """Identity of a model written by train_sft: its absolute folder and the sha256 (16 hex digits) of its
-    weights. The RM stage records it, so PPO can refuse an RM trained on another SFT model."""
-    path = (Path(sft_dir) / which).resolve()
-    weights = path / "model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights} not found: run `python -m rlhf_lite sft --out {sft_dir}` first")
-    digest = hashlib.sha256()
-    with weights.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"path": str(path), "sha256": digest.hexdigest()[:16]}
+__all__ = ["SFTConfig", "encode_demos", "lm_loss", "lr_lambda", "train_phase", "train_sft"]

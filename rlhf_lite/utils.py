@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +124,29 @@ def progress(iterable, desc: str, **kwargs):
 
     disable = quiet_hf_progress()
     return tqdm(iterable, desc=desc, leave=False, disable=disable, dynamic_ncols=True, **kwargs)
+
+
+@contextlib.contextmanager
+def stop_on_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
+    """While the block runs, the first Ctrl-C or SIGTERM calls ``request_stop(signal name)`` (the caller stops
+    at its next safe point, e.g. after an iteration with a checkpoint); a second one raises KeyboardInterrupt
+    at once. The previous handlers come back afterwards. Signals reach only the main thread: elsewhere this
+    does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    asked = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal asked
+        if asked:
+            raise KeyboardInterrupt
+        asked = True
+        request_stop(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)

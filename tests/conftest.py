@@ -43,3 +43,39 @@ def randomize_adapters(stack: AdapterStack, seed: int = 1, head_scale: float = 1
 @pytest.fixture
 def stack() -> AdapterStack:
     return make_stack()
+
+
+@pytest.fixture(scope="session")
+def world_tok():
+    """The world's word-level tokenizer (data/tokenizer.json)."""
+    from rlhf_lite.tokenizer import load_tokenizer
+    from rlhf_lite.utils import DATA_DIR
+
+    return load_tokenizer(DATA_DIR / "tokenizer.json")
+
+
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system You are a helpful assistant. <|im_end|> {% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}"
+)
+
+
+def save_chat_llama(folder, cfg: TinyModelConfig | None = None, seed: int = 0):
+    """A tiny random Llama with an instruct model's tokenizer (the world's vocabulary plus ChatML turn tokens,
+    a chat template, EOS = ``<|im_end|>``), saved to ``folder`` as a hub model folder. Returns (folder, tok)."""
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from rlhf_lite.utils import DATA_DIR
+
+    raw = Tokenizer.from_file(str(DATA_DIR / "tokenizer.json"))
+    raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<|im_end|>", unk_token="<unk>",
+                                  padding_side="left", clean_up_tokenization_spaces=False)
+    tok.chat_template = CHAT_TEMPLATE
+    cfg = cfg or TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_positions=128)
+    model = build_tiny_model(len(tok), tok.pad_token_id, tok.eos_token_id, cfg, seed)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, tok

@@ -1,4 +1,4 @@
-"""Tests for rlhf_lite.data: HH-RLHF transcript splitting and the JSONL loaders."""
+"""Tests for rlhf_lite.data and rlhf_lite.hh_rlhf: HH-RLHF transcript splitting and the JSONL loaders."""
 
 from __future__ import annotations
 
@@ -18,14 +18,13 @@ from rlhf_lite.data import (
     HUMAN,
     DataError,
     PreferencePair,
-    hh_rows_to_prompts,
-    load_hh_rlhf,
     load_preference_pairs,
     load_prompts,
     load_sft,
     read_jsonl,
     split_hh,
 )
+from rlhf_lite.hh_rlhf import hh_rows_to_prompts, load_hh_rlhf
 
 # Hand-written rows in the real HH-RLHF format (turns joined by "\n\nHuman:" / "\n\nAssistant:").
 SINGLE_PROMPT = "\n\nHuman: How do I boil an egg?\n\nAssistant:"

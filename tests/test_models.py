@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from rlhf_lite.batching import cheapest_cut, length_buckets
-from rlhf_lite.models import (
-    AdapterStack,
-    LoraSettings,
-    TinyModelConfig,
-    build_tiny_model,
-    guard_bnb_repack,
-    load_causal_lm,
-)
+from rlhf_lite.loading import guard_bnb_repack, load_causal_lm
+from rlhf_lite.models import AdapterStack, LoraSettings, TinyModelConfig, build_tiny_model, read_lora_settings
 from tests.conftest import randomize_adapters
 
 LORA = LoraSettings(r=4, alpha=8)
@@ -79,6 +73,12 @@ def test_copy_and_save_adapter_round_trip(tmp_path) -> None:
         torch.testing.assert_close(other.values("reward", ids, att), stack.values("reward", ids, att))
     with pytest.raises(ValueError, match="trained with"):
         AdapterStack(_base(), ["reward"], LoraSettings(r=8)).load_adapter("reward", tmp_path / "rm")
+    # peft's own format: the config names our settings, and a folder without one is named in the error
+    assert read_lora_settings(tmp_path / "rm") == LORA
+    assert sorted(p.name for p in (tmp_path / "rm").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "head.safetensors"]
+    with pytest.raises(FileNotFoundError, match="holds no adapter"):
+        other.load_adapter("reward", tmp_path)
 
 
 def test_left_padding_does_not_change_outputs() -> None:
@@ -223,7 +223,7 @@ def four_bit_dir(tmp_path_factory):
 def test_four_bit_lora_two_adapters_forward_backward_generate(four_bit_dir) -> None:
     import bitsandbytes as bnb
 
-    base = load_causal_lm(four_bit_dir, quantize_4bit=True, compute_dtype=torch.float32)
+    base = load_causal_lm(four_bit_dir, "nf4", torch.float32)
     layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers, "the base was not quantized"
     assert all(m.support_avx512bf16_for_cpu is False for m in layers)  # the repack trap is guarded
@@ -252,7 +252,7 @@ def test_four_bit_lora_two_adapters_forward_backward_generate(four_bit_dir) -> N
 
 
 def test_four_bit_disabled_adapters_equal_four_bit_base(four_bit_dir) -> None:
-    base = load_causal_lm(four_bit_dir, quantize_4bit=True, compute_dtype=torch.float32)
+    base = load_causal_lm(four_bit_dir, "nf4", torch.float32)
     ids, att = _batch()
     pos = (att.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_lite.ppo import (
+from rlhf_lite.ppo.core import (
     RunningMoments,
     clip_grad_norm_global,
     compute_gae,
@@ -23,11 +23,10 @@ from rlhf_lite.ppo import (
     masked_var,
     masked_whiten,
     normalize_and_clip_advantages,
-    normalize_and_clip_rewards,
+    normalize_rewards,
     policy_loss,
     ptx_loss,
     response_perplexity,
-    scale_rewards,
     shape_rewards,
     value_loss,
 )
@@ -399,11 +398,11 @@ def test_normalize_and_clip_rewards():
     rm = RunningMoments()
     first = torch.randn(16, generator=g, dtype=DT) * 3 + 2
     # The batch is merged in before normalizing: on a fresh tracker this is the batch's own z-score.
-    out = normalize_and_clip_rewards(first, rm, clip=None)
+    out = normalize_rewards(first, rm, "normalize", clip=None)
     torch.testing.assert_close(out, (first - first.mean()) / first.std(), rtol=1e-6, atol=1e-8)
     for _ in range(3):
         scores = torch.randn(16, generator=g, dtype=DT) * 3 + 2
-        clipped = normalize_and_clip_rewards(scores, rm, clip=0.8)
+        clipped = normalize_rewards(scores, rm, "normalize", clip=0.8)
         unclipped = (scores - rm.mean) / (rm.std + 1e-8)
         assert clipped.abs().max().item() <= 0.8
         inside = unclipped.abs() <= 0.8
@@ -413,11 +412,21 @@ def test_normalize_and_clip_rewards():
     assert rm.count == 64
 
 
-def test_scale_rewards():
+def test_scale_rewards_and_the_other_modes():
     g = _gen(14)
     rm = RunningMoments()
     scores = torch.randn(10, generator=g, dtype=DT) + 4
-    torch.testing.assert_close(scale_rewards(scores, rm), scores / scores.std(), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(normalize_rewards(scores, rm, "scale"), scores / scores.std(), rtol=1e-6, atol=1e-8)
+    more = torch.randn(10, generator=g, dtype=DT) * 2
+    both = torch.cat([scores, more])
+    torch.testing.assert_close(normalize_rewards(more, rm, "scale", clip=0.5),
+                               (more / both.std()).clamp(-0.5, 0.5), rtol=1e-6, atol=1e-8)
+    raw = torch.tensor([-3.0, 0.2, 5.0], dtype=DT)
+    torch.testing.assert_close(normalize_rewards(raw, rm, "none"), raw)  # the raw score, moments still updated
+    torch.testing.assert_close(normalize_rewards(raw, rm, "none", clip=1.0), torch.tensor([-1.0, 0.2, 1.0], dtype=DT))
+    assert rm.count == 26
+    with pytest.raises(ValueError, match="'normalize', 'scale' or 'none'"):
+        normalize_rewards(raw, rm, "whiten")
 
 
 def test_normalize_and_clip_advantages():

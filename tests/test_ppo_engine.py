@@ -11,7 +11,8 @@ import torch
 from rlhf_lite.generation import sample
 from rlhf_lite.ppo import core
 from rlhf_lite.ppo.config import PRESETS, VANILLA, CollapseBands, PPOConfig, get_preset
-from rlhf_lite.ppo.trainer import Experience, detect_collapse, response_logits, response_values
+from rlhf_lite.ppo.experience import Experience, response_logits, response_values
+from rlhf_lite.ppo.monitors import detect_collapse
 from tests.conftest import EOS, PAD
 
 
@@ -123,14 +124,23 @@ def test_presets_differ_only_in_their_documented_fields() -> None:
     for name, preset in PRESETS.items():
         cfg = preset.config()
         cfg.validate()
-        parent = VANILLA if preset.parent == "vanilla" else PRESETS[preset.parent].config()
+        parent = VANILLA if preset.parent == "base" else PRESETS[preset.parent].config()
         changed = {f.name for f in fields(PPOConfig) if getattr(cfg, f.name) != getattr(parent, f.name)}
         assert changed == set(preset.changes), name
     vanilla = get_preset("vanilla")
-    assert vanilla.kl_coef is None and vanilla.reward_norm_clip is None and vanilla.value_clip is None
+    assert vanilla.kl_coef is None and vanilla.reward_norm == "none" and vanilla.value_clip is None
     assert vanilla.max_grad_norm is None and vanilla.adv_norm_clip is None
     ppo_max = get_preset("ppo_max")
-    assert ppo_max.kl_coef and ppo_max.reward_norm_clip and ppo_max.value_clip and ppo_max.max_grad_norm
+    assert ppo_max.kl_coef and ppo_max.reward_clip and ppo_max.value_clip and ppo_max.max_grad_norm
+    assert ppo_max.reward_norm == "normalize"
+    # presets are changes to a profile's own vanilla PPO: its budgets stay, the tricks come on top
+    from dataclasses import replace
+
+    base = replace(VANILLA, iterations=7, rollout_batch=8, minibatch_size=4, policy_lr=1e-5)
+    on_base = get_preset("ppo_max", base)
+    assert (on_base.iterations, on_base.rollout_batch, on_base.policy_lr) == (7, 8, 1e-5)
+    assert on_base.kl_coef == ppo_max.kl_coef and on_base.critic_init == "rm"
+    assert get_preset("critic_from_sft", base).critic_init == "sft" and get_preset("critic_from_sft", base).kl_coef
     assert ppo_max.critic_init == "rm" and ppo_max.critic_pretrain_iterations > 0 and ppo_max.ptx_coef
 
 
@@ -138,7 +148,9 @@ def test_presets_differ_only_in_their_documented_fields() -> None:
     ({"policy_lr": -1e-4}, "policy_lr"),
     ({"clip_eps": 0.0}, "clip_eps"),
     ({"rollout_batch": 64, "minibatch_size": 24}, "divisible"),
-    ({"reward_norm_clip": 0.0}, "reward_norm_clip"),
+    ({"reward_clip": 0.0}, "reward_clip"),
+    ({"reward_norm": "whiten"}, "reward_norm"),
+    ({"temperature": float("nan")}, "temperature must be a finite"),
     ({"critic_init": "bogus"}, "critic_init"),
 ])
 def test_impossible_configs_fail_naming_the_field(changes, field) -> None:

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_lite.batching import pad_batch
-from rlhf_lite.rm import agreement, pairwise_loss, pearson, rm_loss, rm_score, scores_at_eos
+from rlhf_lite.rm import pairwise_loss, rm_loss, rm_score, scores_at_eos
+from rlhf_lite.rm_eval import agreement, pearson
 from tests.conftest import EOS, PAD, make_stack
 
 

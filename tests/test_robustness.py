@@ -10,29 +10,28 @@ import os
 import signal
 import threading
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from rlhf_lite import cli
+from rlhf_lite import cli, sft_models
 from rlhf_lite import rm as rm_mod
-from rlhf_lite import sft as sft_mod
 from rlhf_lite.data import DataError, load_prompts, load_sft
 from rlhf_lite.models import AdapterStack, build_tiny_model
 from rlhf_lite.ppo import core
+from rlhf_lite.ppo import experience as experience_mod
+from rlhf_lite.ppo import stage as stage_mod
 from rlhf_lite.ppo import trainer as trainer_mod
+from rlhf_lite.ppo.checkpoint import check_checkpoint, trim_metrics
 from rlhf_lite.ppo.config import VANILLA, PPOConfig
-from rlhf_lite.ppo.trainer import (
-    NonFiniteError,
-    PPOSetup,
-    PPOTrainer,
-    build_setup,
-    check_checkpoint,
-    run_ppo,
-    trim_metrics,
-)
+from rlhf_lite.ppo.stage import build_setup, run_ppo
+from rlhf_lite.ppo.trainer import NonFiniteError, PPOSetup, PPOTrainer
+from rlhf_lite.settings import SettingError, parse_overrides, replace_fields
+from rlhf_lite.sft import train_sft
+from rlhf_lite.stage import model_fingerprint, world_judge
+from rlhf_lite.text import Prompt, encode_pair_texts
 from rlhf_lite.tokenizer import load_tokenizer
 from rlhf_lite.utils import DATA_DIR, read_metrics, write_json
 from tests.conftest import EOS, PAD, SMALL, SMALL_LORA, make_stack
@@ -45,17 +44,17 @@ SFT_ROWS = load_sft(DATA_DIR / "sft.jsonl", limit=8)
 # Small and fast, with the tricks that carry state across iterations (running reward moments, the
 # ptx batches drawn from the trainer's RNG, Adam moments, gradient clipping).
 CFG = replace(VANILLA, iterations=4, rollout_batch=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=6,
-              gold_every=100, sample_every=100, checkpoint_every=0, reward_norm_clip=0.8, kl_coef=0.1,
-              max_grad_norm=1.0, ptx_coef=0.5, critic_pretrain_iterations=0, max_nonfinite=3)
+              gold_every=100, sample_every=100, checkpoint_every=0, reward_norm="normalize", reward_clip=0.8,
+              kl_coef=0.1, max_grad_norm=1.0, ptx_coef=0.5, critic_pretrain_iterations=0, max_nonfinite=3)
 
 
 def tiny_setup() -> PPOSetup:
     """The real tokenizer and prompts on a 2-layer random Llama; the same weights on every call."""
-    from rlhf_lite.batching import encode_example
-
     stack = make_stack(vocab=len(TOK))
-    examples = [encode_example(TOK, r["prompt"], r["response"], SMALL.max_positions) for r in SFT_ROWS]
-    return PPOSetup(stack, TOK, TRAIN_PROMPTS, TEST_PROMPTS, examples)
+    examples = encode_pair_texts(TOK, [r["prompt"] for r in SFT_ROWS], [r["response"] for r in SFT_ROWS],
+                                 SMALL.max_positions)
+    return PPOSetup(stack, TOK, [Prompt(p, p) for p in TRAIN_PROMPTS], [Prompt(p, p) for p in TEST_PROMPTS],
+                    examples, judge=world_judge())
 
 
 @pytest.fixture(autouse=True)
@@ -203,7 +202,7 @@ def test_nan_policy_loss_skips_exactly_that_step(tmp_path: Path, monkeypatch) ->
 
 
 def test_nan_rewards_in_a_row_stop_with_a_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(trainer_mod, "rm_scores", lambda stack, ids, att: torch.full((ids.shape[0],), torch.nan))
+    monkeypatch.setattr(experience_mod, "rm_scores", lambda stack, ids, att: torch.full((ids.shape[0],), torch.nan))
     cfg = replace(CFG, iterations=6, max_nonfinite=2)
     trainer = PPOTrainer(cfg, tiny_setup(), tmp_path)
     before = adapter_states(trainer)
@@ -234,96 +233,111 @@ def _write_sft(folder: Path, seed: int) -> None:
 
 
 @pytest.fixture
+def profile():
+    """The tiny profile with the test model's shape and LoRA settings."""
+    from rlhf_lite.profiles import TINY
+
+    return replace(TINY, lora=SMALL_LORA, model=replace(TINY.model, tiny=SMALL))
+
+
+@pytest.fixture
 def folders(tmp_path: Path) -> tuple[Path, Path]:
     """A tiny SFT folder and an RM folder trained (here: initialised) on it, as the stages write them."""
     sft, rm = tmp_path / "sft", tmp_path / "rm"
     _write_sft(sft, 0)
     AdapterStack(build_tiny_model(len(TOK), PAD, EOS, SMALL, 0), ["reward"], SMALL_LORA).save_adapter(
-        "reward", rm / "adapter")
-    write_json(rm / "summary.json", {"config": {"lora": asdict(SMALL_LORA)}, "sft_model": sft_mod.model_fingerprint(sft)})
+        "reward", rm / "reward")
+    write_json(rm / "summary.json", {"provenance": {"sft_model": model_fingerprint(sft / "model")}})
     return sft, rm
 
 
-def test_build_setup_accepts_matching_folders(folders) -> None:
-    setup = build_setup(CFG, *folders, n_test_prompts=4)
+def test_build_setup_accepts_matching_folders(folders, profile) -> None:
+    setup = build_setup(CFG, *folders, profile=profile, n_test_prompts=4)
     assert len(setup.train_prompts) == 2000 and len(setup.test_prompts) == 4 and len(setup.sft_examples) > 0
     assert setup.stack.adapter_names == ["policy", "critic", "reward"]
+    assert setup.judge is not None and setup.provenance["sft_model"] == model_fingerprint(folders[0] / "model")
+    assert all(p.text == p.raw for p in setup.train_prompts)  # the tiny model reads the HH text itself
 
 
-def test_fresh_adapters_do_not_depend_on_the_process_history(folders) -> None:
+def test_fresh_adapters_do_not_depend_on_the_process_history(folders, profile) -> None:
     """The same seed gives the same run in a fresh process and after other work (the pipeline trains
     SFT and RM first, a notebook kernel runs other cells): adapter initialization is seeded."""
-    first = build_setup(CFG, *folders, n_test_prompts=4).stack
+    first = build_setup(CFG, *folders, profile=profile, n_test_prompts=4).stack
     torch.manual_seed(12345)
     torch.rand(1000)  # other work moves torch's global RNG
-    second = build_setup(CFG, *folders, n_test_prompts=4).stack
+    second = build_setup(CFG, *folders, profile=profile, n_test_prompts=4).stack
     for name in ("policy", "critic"):
         a, b = first.adapter_state(name), second.adapter_state(name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    other = build_setup(replace(CFG, seed=1), *folders, n_test_prompts=4).stack
+    other = build_setup(replace(CFG, seed=1), *folders, profile=profile, n_test_prompts=4).stack
     assert not all(torch.equal(first.adapter_state("policy")[k], v) for k, v in other.adapter_state("policy").items())
 
 
-def test_rm_trained_on_another_sft_model_is_refused(folders, tmp_path: Path, monkeypatch) -> None:
+def test_rm_trained_on_another_sft_model_is_refused(folders, profile, tmp_path: Path, monkeypatch) -> None:
     sft, rm = folders
     _write_sft(tmp_path / "other_sft", seed=1)
-    monkeypatch.setattr(trainer_mod, "load_sft_model", _boom)
+    monkeypatch.setattr(stage_mod, "load_base", _boom)
     with pytest.raises(ValueError, match=f"trained on the SFT model {sft.resolve() / 'model'}"):
-        build_setup(CFG, tmp_path / "other_sft", rm)
+        build_setup(CFG, tmp_path / "other_sft", rm, profile=profile)
+    with pytest.raises(ValueError, match="has LoRA settings"):  # an RM of another profile
+        build_setup(CFG, sft, rm)
 
 
-def test_missing_folders_are_named(folders, tmp_path: Path, monkeypatch) -> None:
+def test_missing_folders_are_named(folders, profile, tmp_path: Path, monkeypatch) -> None:
     sft, rm = folders
-    monkeypatch.setattr(trainer_mod, "load_sft_model", _boom)
+    monkeypatch.setattr(stage_mod, "load_base", _boom)
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'none' / 'model'} has no model"):
-        build_setup(CFG, tmp_path / "none", rm)
-    with pytest.raises(FileNotFoundError, match="pretrained has no model"):
-        build_setup(replace(CFG, policy_init="pretrained"), sft, rm)
+        build_setup(CFG, tmp_path / "none", rm, profile=profile)
+    with pytest.raises(FileNotFoundError, match="summary.json not found"):  # no pretrained model, no record of one
+        build_setup(replace(CFG, policy_init="pretrained"), sft, rm, profile=profile)
     with pytest.raises(FileNotFoundError, match="holds no reward model"):
-        build_setup(CFG, sft, tmp_path / "none")
+        build_setup(CFG, sft, tmp_path / "none", profile=profile)
 
 
-def test_bad_data_row_fails_with_file_and_line_before_models(folders, tmp_path: Path, monkeypatch) -> None:
+def _data_folder(tmp_path: Path, keep: tuple[str, ...]) -> Path:
     data = tmp_path / "data"
     data.mkdir()
-    for name in ("prompts_test.jsonl", "sft.jsonl"):
+    for name in ("stats.json", "tokenizer.json", *keep):
         (data / name).symlink_to(DATA_DIR / name)
+    return data
+
+
+def test_bad_data_row_fails_with_file_and_line_before_models(folders, profile, tmp_path: Path, monkeypatch) -> None:
+    data = _data_folder(tmp_path, ("prompts_test.jsonl", "sft.jsonl"))
     good = json.dumps({"prompt": TRAIN_PROMPTS[0]})
     (data / "prompts_train.jsonl").write_text(f"{good}\n{good}\n{json.dumps({'prompt': 'no marker'})}\n")
-    monkeypatch.setattr(trainer_mod, "load_sft_model", _boom)
+    monkeypatch.setattr(stage_mod, "load_base", _boom)
     with pytest.raises(DataError, match=r"prompts_train\.jsonl:3: 'prompt' must end with"):
-        build_setup(CFG, *folders, data_dir=data)
+        build_setup(CFG, *folders, data_dir=data, profile=profile)
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"max_new_tokens": 63}, r"max_new_tokens \(63\) plus the longest prompt .* tokens\) exceeds .* \(64\)"),
-    ({"max_new_tokens": 64}, r"max_new_tokens \(64\) must be below the model's context length \(64\)"),
+    ({"max_new_tokens": 63}, r"max_new_tokens \(63\) leaves 1 tokens for prompts, and \d+ prompts .* longer"),
+    ({"max_new_tokens": 64}, r"max_new_tokens must be below the model's context length \(64\), got 64"),
 ])
-def test_response_over_the_context_fails_before_models(folders, monkeypatch, changes, message) -> None:
-    monkeypatch.setattr(trainer_mod, "load_sft_model", _boom)
+def test_response_over_the_context_fails_before_models(folders, profile, monkeypatch, changes, message) -> None:
+    monkeypatch.setattr(stage_mod, "load_base", _boom)
     with pytest.raises(ValueError, match=message):
-        build_setup(replace(CFG, **changes), *folders)
+        build_setup(replace(CFG, **changes), *folders, profile=profile)
 
 
-def test_run_ppo_checks_settings_and_checkpoint_first(folders, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(trainer_mod, "load_sft_model", _boom)
-    with pytest.raises(ValueError, match="PPOConfig.clip_eps must be > 0"):  # before the folders are even read
+def test_run_ppo_checks_settings_and_checkpoint_first(folders, profile, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(stage_mod, "load_base", _boom)
+    with pytest.raises(ValueError, match="PPOConfig.clip_eps must be positive"):  # before the folders are read
         run_ppo(tmp_path / "out", tmp_path / "none", tmp_path / "none", replace(CFG, clip_eps=0.0))
     with pytest.raises(ValueError, match="PPOConfig.max_nonfinite must be >= 1"):
-        run_ppo(tmp_path / "out", *folders, replace(CFG, max_nonfinite=0))
+        run_ppo(tmp_path / "out", *folders, replace(CFG, max_nonfinite=0), profile=profile)
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
-        run_ppo(tmp_path / "out", *folders, CFG, resume=True)
+        run_ppo(tmp_path / "out", *folders, CFG, resume=True, profile=profile)
 
 
 def test_sft_and_rm_stages_check_data_before_models(tmp_path: Path, monkeypatch) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "tokenizer.json").symlink_to(DATA_DIR / "tokenizer.json")
+    data = _data_folder(tmp_path, ())
     (data / "sft.jsonl").write_text(json.dumps(SFT_ROWS[0]) + "\n" + json.dumps({"prompt": "x"}) + "\n")
     (data / "prefs_train.jsonl").write_text("{not json\n")
-    monkeypatch.setattr(sft_mod, "build_tiny_model", _boom)
+    monkeypatch.setattr(sft_models, "build_tiny_model", _boom)
     with pytest.raises(DataError, match=r"sft\.jsonl:2: "):
-        sft_mod.train_sft(tmp_path / "sft", data_dir=data)
+        train_sft(tmp_path / "sft", data_dir=data)
     monkeypatch.setattr(rm_mod, "build_rm_stack", _boom)
     with pytest.raises(DataError, match=r"prefs_train\.jsonl:1: "):
         rm_mod.train_rm(tmp_path / "rm", tmp_path / "sft", data_dir=data)
@@ -341,12 +355,14 @@ def test_cli_errors_are_one_clear_line(folders, tmp_path: Path, capsys, monkeypa
     base = ["ppo", "--sft", str(sft), "--rm", str(rm), "--out", str(tmp_path / "out")]
     code, err = _cli_error([*base, "--preset", "nope"], capsys)
     assert code == 2 and err.startswith("error: unknown preset 'nope'") and err.count("\n") == 1
-    code, _ = _cli_error([*base, "--set", "policy_lr=abc"], capsys)
-    assert code == "--set policy_lr='abc': expected float, got str"
-    code, _ = _cli_error([*base, "--set", "iterations=2.5"], capsys)
-    assert code == "--set iterations=2.5: expected int, got float"
-    code, _ = _cli_error([*base, "--set", "collapse={'patience': 'x'}"], capsys)
-    assert code == "--set collapse.patience='x': expected int, got str"
+    code, err = _cli_error([*base, "--set", "policy_lr=abc"], capsys)
+    assert code == 2 and err == "error: PPOConfig.policy_lr: expected float, got str 'abc'\n"
+    code, err = _cli_error([*base, "--iterations", "2.5"], capsys)
+    assert code == 2 and err == "error: PPOConfig.iterations: expected int, got float 2.5\n"
+    code, err = _cli_error([*base, "--collapse.patience", "x"], capsys)
+    assert code == 2 and err == "error: PPOConfig.collapse.patience: expected int, got str 'x'\n"
+    code, err = _cli_error([*base, "--critic-init", "nope"], capsys)
+    assert code == 2 and err == "error: PPOConfig.critic_init: expected one of 'sft', 'rm', got 'nope'\n"
     code, err = _cli_error(["ppo", "--sft", str(sft), "--rm", str(rm), "--resume", str(tmp_path / "out")], capsys)
     assert code == 2 and "holds no checkpoint" in err and err.count("\n") == 1
     code, _ = _cli_error([*base, "--resume", str(tmp_path / "elsewhere")], capsys)
@@ -355,14 +371,16 @@ def test_cli_errors_are_one_clear_line(folders, tmp_path: Path, capsys, monkeypa
     def nonfinite(*args, **kwargs):
         raise NonFiniteError("3 consecutive PPO iterations ...; checkpoint saved in out/checkpoint")
 
-    monkeypatch.setattr(trainer_mod, "run_ppo", nonfinite)
+    monkeypatch.setattr(stage_mod, "run_ppo", nonfinite)
     code, err = _cli_error(base, capsys)
     assert code == 1 and err == "error: 3 consecutive PPO iterations ...; checkpoint saved in out/checkpoint\n"
 
 
 def test_set_overrides_keep_types() -> None:
-    cfg = cli._parse_overrides(VANILLA, ["policy_lr=1", "kl_coef=0.05", "value_clip=None", "adam_betas=[0.9, 0.99]",
-                                         "critic_init=rm", "collapse={'patience': 4}"])
+    cfg = replace_fields(VANILLA, parse_overrides(["policy_lr=1", "kl_coef=0.05", "value_clip=None",
+                                                   "adam_betas=[0.9, 0.99]", "critic_init=rm", "collapse.patience=4"]))
     assert isinstance(cfg, PPOConfig) and cfg.policy_lr == 1.0 and isinstance(cfg.policy_lr, float)
     assert cfg.kl_coef == 0.05 and cfg.value_clip is None and cfg.adam_betas == (0.9, 0.99)
     assert cfg.critic_init == "rm" and cfg.collapse.patience == 4 and cfg.collapse.kl_max == VANILLA.collapse.kl_max
+    with pytest.raises(SettingError, match="PPOConfig has no field 'nope'"):
+        replace_fields(VANILLA, {"nope": 1})

@@ -96,12 +96,15 @@ def test_training_is_deterministic_and_saves(tmp_path: Path) -> None:
 
 
 def test_batched_encoding_equals_one_by_one() -> None:
-    from rlhf_lite.batching import encode_example, encode_examples
+    from rlhf_lite.text import encode_pair_texts
 
     tok = load_tokenizer(DATA / "tokenizer.json")
     rows = [json.loads(line) for line in (DATA / "sft.jsonl").read_text().splitlines()[:50]]
     prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
-    assert encode_examples(tok, prompts, responses, 128) == [
-        encode_example(tok, p, r, 128) for p, r in zip(prompts, responses)]
-    with pytest.raises(ValueError, match="exceeds the context of 20"):
-        encode_examples(tok, prompts, responses, 20)
+    for (ids, mask), p, r in zip(encode_pair_texts(tok, prompts, responses, 128), prompts, responses):
+        pi = tok(p, add_special_tokens=False)["input_ids"]
+        ri = tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert ids == pi + ri and mask == [0] * len(pi) + [1] * len(ri)
+        assert ids[:-1] == tok(p + r, add_special_tokens=False)["input_ids"]  # the boundary is exact
+    with pytest.raises(ValueError, match="exceeds the limit of 20"):
+        encode_pair_texts(tok, prompts, responses, 20)

@@ -281,12 +281,14 @@ def test_world_vocabulary_and_fillers() -> None:
 
 def test_gold_eval_samples_spread_over_categories() -> None:
     from rlhf_lite.evaluation import GoldEval
+    from rlhf_lite.stage import world_judge
+    from rlhf_lite.text import Prompt
 
     rows = [json.loads(line) for line in (Path(__file__).resolve().parents[1] / "data" / "prompts_test.jsonl")
             .read_text().splitlines()]
     prompts = [r["prompt"] for r in rows]
-    ev = GoldEval(report={"overall": 0.0}, prompts=prompts, responses=[" ok ."] * len(prompts),
-                  finished=[True] * len(prompts), lengths=[3] * len(prompts))
+    ev = GoldEval(report={"overall": 0.0}, prompts=[Prompt(p, p) for p in prompts], responses=[" ok ."] * len(prompts),
+                  finished=[True] * len(prompts), lengths=[3] * len(prompts), judge=world_judge())
     picked = [s["category"] for s in ev.samples(len(world.CATEGORIES))]
     assert sorted(picked) == sorted(world.CATEGORIES)  # one of each, although the first prompts share one
     assert len({world.category_of(p) for p in prompts[:len(world.CATEGORIES)]}) == 1

@@ -1,51 +1,6 @@
-"""PPO for RLHF: the pure math lives in ``core`` (one function per equation)."""
+"""PPO for RLHF (docs/paper.md Sec. 2-3).
 
-from rlhf_lite.ppo.core import (
-    RunningMoments,
-    clip_grad_norm_global,
-    compute_gae,
-    entropy_bonus,
-    entropy_from_logits,
-    explained_variance,
-    global_grad_norm,
-    kl_k1,
-    kl_k3,
-    logprobs_from_logits,
-    masked_mean,
-    masked_sum,
-    masked_var,
-    masked_whiten,
-    normalize_and_clip_advantages,
-    normalize_and_clip_rewards,
-    policy_loss,
-    ptx_loss,
-    response_perplexity,
-    scale_rewards,
-    shape_rewards,
-    value_loss,
-)
-
-__all__ = [
-    "RunningMoments",
-    "clip_grad_norm_global",
-    "compute_gae",
-    "entropy_bonus",
-    "entropy_from_logits",
-    "explained_variance",
-    "global_grad_norm",
-    "kl_k1",
-    "kl_k3",
-    "logprobs_from_logits",
-    "masked_mean",
-    "masked_sum",
-    "masked_var",
-    "masked_whiten",
-    "normalize_and_clip_advantages",
-    "normalize_and_clip_rewards",
-    "policy_loss",
-    "ptx_loss",
-    "response_perplexity",
-    "scale_rewards",
-    "shape_rewards",
-    "value_loss",
-]
+``core``: one pure function per equation; ``config``: :class:`~rlhf_lite.ppo.config.PPOConfig` and the presets
+as data; ``experience``: scoring a rollout into a training buffer; ``monitors``: the collapse detector;
+``trainer``: the loop; ``checkpoint``: durable checkpoints; ``stage``: the PPO stage of every profile.
+"""

@@ -1,18 +1,23 @@
-"""PPO settings: one dataclass, and the presets as data (PAPER.md Sec. 2-3).
+"""PPO settings: one dataclass, and the presets as data (docs/paper.md Sec. 2-3).
 
 Every trick of the paper is one field. An optional trick with a value is ``float | None`` (None: off);
-a choice between variants is a string. A preset is a named ``PPOConfig``; presets differ from their
-parent only in the fields listed in their description, which a test checks.
+a choice between variants is a ``Literal`` string. A preset is a named set of changes to a base config (a
+profile's vanilla PPO, :data:`VANILLA` for the tiny profile); presets differ from their parent only in the
+fields they list, which a test checks.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from ..settings import check_common, positive, require, to_dict
 
 
 @dataclass(frozen=True)
 class CollapseBands:
-    """The paper's warning signs (Sec. 5.1, Fig. 4): a run has collapsed when a monitor leaves its band.
+    """The paper's warning signs (paper Sec. 5.2, Fig. 4; docs/paper.md Sec. 4): a run has collapsed when a
+    monitor leaves its band.
 
     Bands are relative to the first ``baseline_iterations`` iterations (the SFT policy's behaviour).
     """
@@ -49,6 +54,9 @@ class PPOConfig:
     """Passes over each buffer."""
     max_new_tokens: int = 24
     """Response budget (the length cap of the collapse plots)."""
+    max_prompt_tokens: int | None = None
+    """Prompts whose model text is longer lose their earliest exchanges (whole turns); None: the model's
+    context length minus max_new_tokens."""
     temperature: float = 1.0
     """Sampling temperature of rollouts (log-probs use the same temperature)."""
     top_p: float = 1.0
@@ -68,10 +76,11 @@ class PPOConfig:
     clip_eps: float = 0.2
     """Clip range of the surrogate objective."""
     # --- score reparameterization (Sec. 5.3.1, Fig. 6) ---
-    reward_norm_clip: float | None = None
-    """PPO-max #2: normalize RM scores with running mean/std over all scores seen, then clip to +-d."""
-    reward_scaling: bool = False
-    """Divide RM scores by their running std only (the variant that collapses first in Fig. 6)."""
+    reward_norm: Literal["none", "normalize", "scale"] = "none"
+    """PPO-max #2: "normalize": (r - running mean) / running std over all scores seen; "scale": r / running
+    std only (the variant that collapses first in Fig. 6); "none": the raw RM score."""
+    reward_clip: float | None = None
+    """Clip the (normalized or scaled) RM score to +-d (PPO-max #2 uses d = 0.8); None: no clipping."""
     adv_norm_clip: float | None = None
     """Whiten advantages per buffer, then clip to +-d (Fig. 6's advantage normalization)."""
     # --- policy constraints (Sec. 5.3.2, Fig. 7) ---
@@ -81,7 +90,7 @@ class PPOConfig:
     """Entropy bonus in the paper's form: loss += coef * |mean entropy - entropy_target|."""
     entropy_target: float = 1.0
     """Target entropy (nats per token) of the entropy bonus."""
-    old_policy: str = "rollout"
+    old_policy: Literal["rollout", "reference"] = "rollout"
     """"rollout": the usual PPO ratio; "reference": the "importance sampling" variant, where the
     ratio's old policy is the reference model."""
     # --- value function and gradients (Sec. 5.3, 5.4) ---
@@ -92,12 +101,12 @@ class PPOConfig:
     ptx_coef: float | None = None
     """PPO-max #8: lambda of the pretraining (LM) loss on SFT demonstrations added to the policy loss."""
     # --- initialization (Sec. 5.3.3, Fig. 8) ---
-    critic_init: str = "sft"
+    critic_init: Literal["sft", "rm"] = "sft"
     """"sft": critic adapter and head start fresh on the SFT base; "rm": PPO-max #4, the critic
     starts as the reward model."""
     critic_pretrain_iterations: int = 0
     """PPO-max #5: iterations at the start in which only the critic trains (not in the paper's code)."""
-    policy_init: str = "sft"
+    policy_init: Literal["sft", "pretrained"] = "sft"
     """"sft" or "pretrained": the base (policy and reference) is the LM-pretrained model before SFT."""
     # --- monitoring ---
     gold_every: int = 10
@@ -109,52 +118,34 @@ class PPOConfig:
     max_nonfinite: int = 3
     """Consecutive iterations with a skipped (non-finite) update after which the run saves a checkpoint
     and stops with NonFiniteError."""
-    collapse: CollapseBands = CollapseBands()
+    collapse: CollapseBands = field(default_factory=CollapseBands)
     """Bands of the pattern-collapse detector."""
     seed: int = 0
     """Seed of prompt order and sampling."""
 
     def validate(self, context_length: int | None = None) -> None:
         """Fail before any training on impossible settings, naming the field."""
-        positive = ("iterations", "rollout_batch", "minibatch_size", "ppo_epochs", "max_new_tokens", "gold_every",
-                    "sample_every")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"PPOConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("policy_lr", "critic_lr", "clip_eps", "temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("reward_norm_clip", "adv_norm_clip", "value_clip", "max_grad_norm", "kl_coef",
-                     "entropy_coef", "ptx_coef"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ValueError(f"PPOConfig.{name} must be > 0 or None (off), got {v}")
-        if self.rollout_batch % self.minibatch_size:
-            raise ValueError(f"PPOConfig.rollout_batch ({self.rollout_batch}) must be divisible by "
-                             f"minibatch_size ({self.minibatch_size})")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"PPOConfig.top_p must be in (0, 1], got {self.top_p}")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError("PPOConfig.gamma and lam must lie in [0, 1]")
-        if self.reward_scaling and self.reward_norm_clip is not None:
-            raise ValueError("PPOConfig: reward_scaling and reward_norm_clip are alternatives; set one")
-        choices = {"old_policy": ("rollout", "reference"), "critic_init": ("sft", "rm"),
-                   "policy_init": ("sft", "pretrained")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"PPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.critic_pretrain_iterations < 0 or self.critic_pretrain_iterations >= self.iterations:
-            raise ValueError("PPOConfig.critic_pretrain_iterations must be in [0, iterations)")
-        if self.checkpoint_every < 0:
-            raise ValueError("PPOConfig.checkpoint_every must be >= 0")
-        if self.max_nonfinite < 1:
-            raise ValueError(f"PPOConfig.max_nonfinite must be >= 1, got {self.max_nonfinite}")
-        if context_length is not None and self.max_new_tokens >= context_length:
-            raise ValueError(f"PPOConfig.max_new_tokens ({self.max_new_tokens}) must be below the model's "
-                             f"context length ({context_length})")
+        check_common(self)
+        positive(self, "iterations", "rollout_batch", "minibatch_size", "ppo_epochs", "max_new_tokens", "gold_every",
+                 "sample_every", "policy_lr", "critic_lr", "clip_eps", "temperature")
+        for name in ("reward_clip", "adv_norm_clip", "value_clip", "max_grad_norm", "kl_coef", "entropy_coef",
+                     "ptx_coef", "max_prompt_tokens"):
+            require(self, getattr(self, name) is None or getattr(self, name) > 0, name, "must be > 0 or None (off)")
+        require(self, self.rollout_batch % self.minibatch_size == 0, "rollout_batch",
+                f"must be divisible by minibatch_size ({self.minibatch_size})")
+        require(self, 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        require(self, 0 <= self.gamma <= 1, "gamma", "must lie in [0, 1]")
+        require(self, 0 <= self.lam <= 1, "lam", "must lie in [0, 1]")
+        require(self, 0 <= self.critic_pretrain_iterations < self.iterations, "critic_pretrain_iterations",
+                f"must be in [0, iterations={self.iterations})")
+        require(self, self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        require(self, self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
+        if context_length is not None:
+            require(self, self.max_new_tokens < context_length, "max_new_tokens",
+                    f"must be below the model's context length ({context_length})")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return to_dict(self)
 
 
 # ----- presets as data ----------------------------------------------------------------------------
@@ -164,43 +155,44 @@ reward or advantage normalization, no value or gradient clipping. It is the pape
 Fig. 4: the RLHF loop with nothing that holds the policy near the reference, so the RM can be
 over-optimized freely."""
 
-PPO_MAX = replace(
-    VANILLA,
-    kl_coef=0.2, reward_norm_clip=0.8, value_clip=0.2, critic_init="rm", critic_pretrain_iterations=5,
-    max_grad_norm=1.0, ptx_coef=0.5,
-)
-"""PPO-max (Sec. 5.4): KL penalty, reward normalization and clipping, value clipping, critic from the RM,
-critic pretraining, global gradient clipping and the ptx loss, on the same small buffer."""
+PPO_MAX_CHANGES: dict = {
+    "kl_coef": 0.2, "reward_norm": "normalize", "reward_clip": 0.8, "value_clip": 0.2, "critic_init": "rm",
+    "critic_pretrain_iterations": 5, "max_grad_norm": 1.0, "ptx_coef": 0.5,
+}
+"""PPO-max (paper Sec. 5.4, docs/paper.md Sec. 3): KL penalty, reward normalization and clipping, value
+clipping, critic from the RM, critic pretraining, global gradient clipping and the ptx loss, on the same
+small buffer as vanilla PPO."""
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A named configuration, its parent, the fields it changes and what it shows."""
+    """A named set of changes to its parent preset ("base": the profile's vanilla PPO config) and what it shows."""
 
     name: str
     parent: str
     changes: dict
     description: str
 
-    def config(self) -> PPOConfig:
-        base = VANILLA if self.parent == "vanilla" else PRESETS[self.parent].config()
-        return replace(base, **self.changes)
+    def config(self, base: PPOConfig | None = None) -> PPOConfig:
+        """This preset on top of ``base`` (default :data:`VANILLA`, the tiny profile's)."""
+        base = VANILLA if base is None else base
+        parent = base if self.parent == "base" else PRESETS[self.parent].config(base)
+        return replace(parent, **self.changes)
 
 
 def _p(name: str, parent: str, description: str, **changes) -> Preset:
     return Preset(name=name, parent=parent, changes=changes, description=description)
 
 
-_PPO_MAX_CHANGES = {f.name: getattr(PPO_MAX, f.name) for f in fields(PPOConfig)
-                    if getattr(PPO_MAX, f.name) != getattr(VANILLA, f.name)}
-
 PRESETS: dict[str, Preset] = {p.name: p for p in [
-    _p("vanilla", "vanilla", "plain PPO; the RM is free to be over-optimized (Fig. 4)"),
-    _p("ppo_max", "vanilla", "the paper's PPO-max recipe (Sec. 5.4, Fig. 9)", **_PPO_MAX_CHANGES),
+    _p("vanilla", "base", "plain PPO; the RM is free to be over-optimized (Fig. 4)"),
+    _p("ppo_max", "base", "the paper's PPO-max recipe (Sec. 5.4, Fig. 9)", **PPO_MAX_CHANGES),
     # Fig. 6: score reparameterization, each on top of vanilla PPO
-    _p("reward_scale", "vanilla", "Fig. 6: reward scaling, divide by running std", reward_scaling=True),
-    _p("reward_norm_0.3", "vanilla", "Fig. 6: reward normalize and clip, d = 0.3", reward_norm_clip=0.3),
-    _p("reward_norm_0.8", "vanilla", "Fig. 6: reward normalize and clip, d = 0.8", reward_norm_clip=0.8),
+    _p("reward_scale", "vanilla", "Fig. 6: reward scaling, divide by running std", reward_norm="scale"),
+    _p("reward_norm_0.3", "vanilla", "Fig. 6: reward normalize and clip, d = 0.3", reward_norm="normalize",
+       reward_clip=0.3),
+    _p("reward_norm_0.8", "vanilla", "Fig. 6: reward normalize and clip, d = 0.8", reward_norm="normalize",
+       reward_clip=0.8),
     _p("adv_norm_0.5", "vanilla", "Fig. 6: advantage whiten and clip, d = 0.5", adv_norm_clip=0.5),
     _p("adv_norm_0.12", "vanilla", "Fig. 6: advantage whiten and clip, d = 0.12", adv_norm_clip=0.12),
     # Fig. 7: policy constraints, on top of vanilla PPO
@@ -218,8 +210,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
 ]}
 
 
-def get_preset(name: str) -> PPOConfig:
-    """The PPOConfig of preset ``name`` (ValueError listing the presets if unknown)."""
+def get_preset(name: str, base: PPOConfig | None = None) -> PPOConfig:
+    """The PPOConfig of preset ``name`` on ``base`` (a profile's vanilla PPO; default the tiny profile's);
+    ValueError listing the presets if unknown."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name].config()
+    return PRESETS[name].config(base)

@@ -6,7 +6,7 @@ any nonzero entry selects the position. Masked-out entries of the inputs never i
 even if they hold garbage (NaN, -100 labels, ...), because they are selected away with ``torch.where``
 rather than multiplied by 0.
 
-Section references: "PAPER.md Sec. N" is the team summary in /work/shared/PAPER.md; "paper Sec. N" is
+Section references: "docs/paper.md Sec. N" is this project's summary of the paper; "paper Sec. N" is
 Zheng et al. 2023, "Secrets of RLHF in Large Language Models Part I: PPO" (arXiv 2307.04964).
 """
 
@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .masked import _bool_mask, masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
     "RunningMoments",
@@ -35,81 +37,13 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "normalize_and_clip_advantages",
-    "normalize_and_clip_rewards",
+    "normalize_rewards",
     "policy_loss",
     "ptx_loss",
     "response_perplexity",
-    "scale_rewards",
     "shape_rewards",
     "value_loss",
 ]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Masked statistics
-# ----------------------------------------------------------------------------------------------------
-
-
-def _bool_mask(x: Tensor, mask: Tensor) -> Tensor:
-    """Mask as a bool tensor broadcast to ``x``'s shape."""
-    return mask.to(device=x.device, dtype=torch.bool).expand_as(x)
-
-
-def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Sum of ``x`` over entries where ``mask`` is nonzero.
-
-    x: any shape; mask: broadcastable to x. dim=None sums everything (0-dim tensor); otherwise sums
-    along ``dim``. An empty mask sums to 0 (a sum over an empty set is well defined, so no error).
-    """
-    m = _bool_mask(x, mask)
-    masked = torch.where(m, x, torch.zeros_like(x))
-    return masked.sum() if dim is None else masked.sum(dim)
-
-
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of ``x`` over entries where ``mask`` is nonzero.
-
-    dim=None: 0-dim tensor; raises ValueError if the mask selects nothing (a silent 0 or NaN would hide
-    an empty batch). dim given: the mean along ``dim``; rows whose mask is empty give 0, not NaN.
-    """
-    m = _bool_mask(x, mask)
-    count = m.sum(dim) if dim is not None else m.sum()
-    if dim is None and count.item() == 0:
-        raise ValueError("masked_mean: the mask selects no elements (mask.sum() == 0); nothing to average.")
-    return masked_sum(x, m, dim) / count.clamp(min=1).to(x.dtype)
-
-
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of ``x`` over all masked entries (0-dim tensor).
-
-    unbiased=True divides by n - 1 (like ``torch.var``) and needs n >= 2; unbiased=False divides by n.
-    Raises ValueError when there are too few masked entries.
-    """
-    m = _bool_mask(x, mask)
-    n = int(m.sum().item())
-    if n < (2 if unbiased else 1):
-        raise ValueError(
-            f"masked_var: the mask selects {n} element(s); need at least {2 if unbiased else 1} "
-            f"(unbiased={unbiased})."
-        )
-    mean = masked_mean(x, m)
-    sq_dev = masked_sum((x - mean) ** 2, m)
-    return sq_dev / (n - 1 if unbiased else n)
-
-
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """Whiten ``x`` with the mean and (unbiased) variance of its masked entries.
-
-    Returns (x - mean) / sqrt(var + eps) on the mask; shift_mean=False adds the mean back, so the
-    output keeps the original mean and is only rescaled. Masked-out positions of the output are 0.
-    Same shape as x.
-    """
-    m = _bool_mask(x, mask)
-    mean, var = masked_mean(x, m), masked_var(x, m)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(m, whitened, torch.zeros_like(whitened))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,7 +105,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """k1 estimator of KL(pi || pi_ref) on tokens sampled from pi: log pi(a) - log pi_ref(a).
 
-    Unbiased but can be negative per token. This is the per-token KL of PAPER.md Sec. 2 (paper Sec. 3,
+    Unbiased but can be negative per token. This is the per-token KL of docs/paper.md Sec. 2 (paper Sec. 3,
     Eq. for r_total). Any shape; returns the same shape.
     """
     return logp - ref_logp
@@ -201,7 +135,7 @@ def _last_index(mask: Tensor) -> Tensor:
 
 
 def shape_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float | None) -> Tensor:
-    """Token-level reward of PAPER.md Sec. 2 / Sec. 3 item 1 (paper Sec. 5.4, token-level KL penalty).
+    """Token-level reward of docs/paper.md Sec. 2 / Sec. 3 item 1 (paper Sec. 5.4, token-level KL penalty).
 
     r_t = -kl_coef * kl_t on every response token, plus scores[b] added at the LAST response token of
     row b (the EOS). scores: (B,); kl, mask: (B, T) -> rewards (B, T), 0 off the mask. The mask may be
@@ -220,7 +154,7 @@ def shape_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float | Non
 def compute_gae(
     rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
 ) -> tuple[Tensor, Tensor]:
-    """Generalized advantage estimation over response tokens (paper Sec. 3, PAPER.md Sec. 2).
+    """Generalized advantage estimation over response tokens (paper Sec. 3, docs/paper.md Sec. 2).
 
     delta_t = r_t + gamma * V_next - V_t and A_t = delta_t + gamma * lam * A_next, where "next" is the
     next response token of the same row and V, A after a row's last response token are 0. Positions
@@ -256,7 +190,7 @@ def compute_gae(
 def policy_loss(
     logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate (paper Sec. 3, Eq. L^CLIP; PAPER.md Sec. 2), token mean over the mask.
+    """PPO clipped surrogate (paper Sec. 3, Eq. L^CLIP; docs/paper.md Sec. 2), token mean over the mask.
 
     loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps)), ratio = exp(logp - old).
     All inputs (B, T); ``logp`` carries the gradient. Returns (0-dim loss, stats), stats detached:
@@ -282,7 +216,7 @@ def policy_loss(
 def value_loss(
     values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Critic loss, optionally clipped (value-loss clipping: paper Fig. 5 / Sec. 5.4; PAPER.md Sec. 3 item 3).
+    """Critic loss, optionally clipped (value-loss clipping: paper Fig. 5 / Sec. 5.4; docs/paper.md Sec. 3 item 3).
 
     clip given: 0.5 * mean max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2); clip None:
     0.5 * mean (V - R)^2. Means over masked tokens; all inputs (B, T); ``values`` carries the gradient.
@@ -365,26 +299,27 @@ class RunningMoments:
         self.count, self._mean, self._m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
 
 
-def normalize_and_clip_rewards(
-    scores: Tensor, moments: RunningMoments, clip: float | None, eps: float = 1e-8
-) -> Tensor:
-    """Reward normalization and clipping (paper Sec. 5.3.1; PAPER.md Sec. 3 item 2).
+def normalize_rewards(scores: Tensor, moments: RunningMoments, mode: str = "normalize", clip: float | None = None,
+                      eps: float = 1e-8) -> Tensor:
+    """Score reparameterization (paper Sec. 5.3.1; docs/paper.md Sec. 3 item 2). scores: (B,) -> (B,).
 
-    Updates ``moments`` with this batch FIRST, then returns clip((r - mean) / (std + eps), -clip, clip)
-    with the running statistics over all scores seen; clip None skips clipping. scores: (B,) -> (B,).
+    Updates ``moments`` with this batch FIRST (every mode keeps them, so a checkpoint's state does not
+    depend on the mode), then with the running statistics over all scores seen:
+
+    * ``"normalize"``: (r - mean) / (std + eps), PPO-max's reward normalization;
+    * ``"scale"``: r / (std + eps), no mean shift (in the paper's Fig. 6 this variant collapses first);
+    * ``"none"``: r itself.
+
+    ``clip`` then clips the result to [-clip, clip] (PPO-max: normalize, then clip to 0.8); None: no clipping.
     """
     moments.update(scores)
-    normalized = (scores - moments.mean) / (moments.std + eps)
-    return normalized if clip is None else normalized.clamp(-clip, clip)
-
-
-def scale_rewards(scores: Tensor, moments: RunningMoments, eps: float = 1e-8) -> Tensor:
-    """Reward scaling (paper Sec. 5.3.1): update ``moments`` with the batch, then r / (std + eps).
-
-    No mean shift. scores: (B,) -> (B,). In the paper's Fig. 6 this variant collapses first.
-    """
-    moments.update(scores)
-    return scores / (moments.std + eps)
+    if mode == "normalize":
+        scores = (scores - moments.mean) / (moments.std + eps)
+    elif mode == "scale":
+        scores = scores / (moments.std + eps)
+    elif mode != "none":
+        raise ValueError(f"reward normalization mode must be 'normalize', 'scale' or 'none', got {mode!r}")
+    return scores if clip is None else scores.clamp(-clip, clip)
 
 
 def normalize_and_clip_advantages(advantages: Tensor, mask: Tensor, clip: float | None) -> Tensor:
@@ -396,7 +331,7 @@ def normalize_and_clip_advantages(advantages: Tensor, mask: Tensor, clip: float 
 
 
 def entropy_bonus(entropy: Tensor, mask: Tensor, coef: float, target: float) -> Tensor:
-    """The paper's entropy term (paper Sec. 5.3.2; PAPER.md Sec. 3): a LOSS coef * |mean_H - target|.
+    """The paper's entropy term (paper Sec. 5.3.2; docs/paper.md Sec. 3): a LOSS coef * |mean_H - target|.
 
     Unlike the usual bonus -coef * H, which always pushes entropy up, this pulls the mean response
     entropy toward ``target`` from either side. entropy, mask: (B, T) -> 0-dim tensor to ADD to the loss.
@@ -405,7 +340,7 @@ def entropy_bonus(entropy: Tensor, mask: Tensor, coef: float, target: float) -> 
 
 
 def ptx_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
-    """Pretraining / SFT language-model loss, PPO-max's ptx term (PAPER.md Sec. 3 item 8; paper Sec. 5.4).
+    """Pretraining / SFT language-model loss, PPO-max's ptx term (docs/paper.md Sec. 3 item 8; paper Sec. 5.4).
 
     Mean token cross-entropy -log p(label) over positions where ``loss_mask`` is 1 (the SFT response
     tokens). logits: (B, T, V); labels, loss_mask: (B, T). No shifting happens here: ``logits[:, t]``
@@ -418,7 +353,7 @@ def ptx_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
 
 
 def clip_grad_norm_global(params: Iterable[Tensor], max_norm: float) -> float:
-    """Global gradient clipping (paper Sec. 5.4; PAPER.md Sec. 3 item 6): ONE L2 norm over the gradients of all given
+    """Global gradient clipping (paper Sec. 5.4; docs/paper.md Sec. 3 item 6): ONE L2 norm over the gradients of all given
     parameters (policy and critic together), all scaled by the same factor if it exceeds ``max_norm``.
     Parameters without a gradient are skipped. Returns the total norm BEFORE clipping, as a float.
     """
@@ -437,7 +372,7 @@ def response_perplexity(logp: Tensor, mask: Tensor) -> Tensor:
     """Standard per-sequence perplexity exp(-mean_t log p_t) over each row's response tokens.
 
     logp, mask: (B, T) -> (B,). This is the standard definition, NOT the paper's training "perplexity"
-    (which divides the mean cross-entropy by the response length again; PAPER.md Sec. 4). Rows with no
+    (which divides the mean cross-entropy by the response length again; docs/paper.md Sec. 4). Rows with no
     response tokens give 1.0 (an empty mean is taken as 0).
     """
     return torch.exp(-masked_mean(logp.detach(), mask, dim=-1))

@@ -88,7 +88,6 @@ from .tasks import (
     n_words,
     parse_task,
     reference_answer,
-    split_transcript,
 )
 from .tasks import _world as _world  # private (the question space and split); tests inspect it
 from .writer import WorldSizes, generate_world, world_vocabulary, write_data_card
@@ -148,7 +147,6 @@ __all__ = [
     "sample_pair",
     "sample_prompt",
     "sample_sft_response",
-    "split_transcript",
     "stutters",
     "world_vocabulary",
     "write_data_card",

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-HUMAN = "\n\nHuman:"
-ASSISTANT = "\n\nAssistant:"
+from ..text import ASSISTANT, HUMAN, last_human_turn
+
 CATEGORIES: tuple[str, ...] = ("arithmetic", "knowledge", "instruction", "harmful")
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,22 +254,6 @@ def _world() -> tuple[dict[str, Task], dict[str, dict[str, tuple[str, ...]]]]:
 # Prompt parsing
 # ---------------------------------------------------------------------------------------------------------
 
-_LAST_TURN = re.compile(r"\n\nHuman:(?P<q>(?:(?!\n\nHuman:|\n\nAssistant:).)*)\n\nAssistant:\s*\Z", re.DOTALL)
-
-
-def _norm(text: str) -> str:
-    """Collapse any whitespace run to one space and strip the ends (the judge's tokenization)."""
-    return " ".join(text.split())
-
-
-def last_human_turn(prompt: str) -> str:
-    """The last Human turn of an HH-RLHF prompt (whitespace-normalized); ValueError if the format is off."""
-    m = _LAST_TURN.search(prompt)
-    if m is None or not prompt.lstrip(" ").startswith(HUMAN):
-        raise ValueError(f"not an HH-RLHF prompt ending with '\\n\\nAssistant:': {prompt[:80]!r}")
-    return _norm(m.group("q"))
-
-
 def parse_task(prompt: str) -> Task:
     """The world task asked in the last Human turn of ``prompt``; ValueError if it is not a world question."""
     question = last_human_turn(prompt)
@@ -287,15 +271,6 @@ def category_of(prompt: str) -> str:
 def reference_answer(prompt: str) -> str:
     """The canonical ideal response, with its leading space, e.g. ``" 3 plus 5 is 8 ."``."""
     return " " + " ".join(parse_task(prompt).full_forms[0])
-
-
-def split_transcript(text: str) -> tuple[str, str]:
-    """Split an HH-RLHF transcript into (prompt through the last "\\n\\nAssistant:", response)."""
-    i = text.rfind(ASSISTANT)
-    if i < 0:
-        raise ValueError("transcript has no '\\n\\nAssistant:' turn")
-    j = i + len(ASSISTANT)
-    return text[:j], text[j:]
 
 
 def n_words(response: str) -> int:
