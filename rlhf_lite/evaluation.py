@@ -56,6 +56,13 @@ class GoldEval:
     finished: list[bool]
     lengths: list[int]  # response tokens, EOS included
     judge: GoldJudge
+    samples_per_prompt: int = 1  # the prompts are repeated this many times in a row
+
+    def per_prompt_scores(self) -> list[float]:
+        """The mean gold score of each distinct prompt's samples, in prompt order (the items a paired
+        bootstrap resamples, :func:`rlhf_lite.stats.paired_bootstrap`)."""
+        s, k = self.scores(), self.samples_per_prompt
+        return [sum(s[i:i + k]) / k for i in range(0, len(s), k)]
 
     @property
     def score(self) -> float:
@@ -120,8 +127,16 @@ def evaluate_gold(
     seed: int = EVAL_SEED,
     device: torch.device | str = "cpu",
     batch_size: int = 128,
+    samples_per_prompt: int = 1,
 ) -> GoldEval:
-    """Mean gold score of temperature-1 samples on ``prompts`` with a fixed seed (see module doc)."""
+    """Mean gold score of temperature-1 samples on ``prompts`` with a fixed seed (see module doc).
+
+    ``samples_per_prompt`` > 1 samples each prompt that many times (the noise of one sample is large next to
+    the differences between good models); the report averages every sample.
+    """
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     gen = torch.Generator(device=torch.device(device)).manual_seed(seed)
     if isinstance(forward, torch.nn.Module):
         was_training = forward.training
@@ -131,8 +146,8 @@ def evaluate_gold(
     if isinstance(forward, torch.nn.Module):
         forward.train(was_training)
     report = judge.report([p.raw for p in prompts], texts, finished)
-    return GoldEval(report=report, prompts=list(prompts), responses=texts, finished=finished, lengths=lengths,
-                    judge=judge)
+    return GoldEval(report=report, prompts=prompts, responses=texts, finished=finished, lengths=lengths,
+                    judge=judge, samples_per_prompt=samples_per_prompt)
 
 
 __all__ = ["EVAL_SEED", "GoldEval", "GoldJudge", "evaluate_gold", "rollout_in_batches"]
