@@ -8,13 +8,18 @@ response ended with EOS.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerFast
+from transformers import DynamicCache, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .models import position_ids_from_mask
+
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+"""The KV cache's argument and output name: transformers renamed ``past_key_values`` to ``cache`` during
+5.x (5.17 has the old name, 5.24 the new one), so the sampler runs on either."""
 
 
 @dataclass
@@ -71,9 +76,9 @@ def sample(
     """Sample responses for left-padded prompts (B, P) with the KV cache; stop each row at EOS.
 
     ``forward`` is a causal LM (anything called as ``forward(input_ids=, attention_mask=,
-    position_ids=, cache=, use_cache=True, logits_to_keep=1)``), e.g. a peft model with the policy
-    adapter active. Recorded log-probs use ``logits / temperature`` and ignore top-p truncation
-    (the convention PPO's ratio uses).
+    position_ids=, cache=, use_cache=True, logits_to_keep=1)``, the cache's name being :data:`CACHE_ARG`),
+    e.g. a peft model with the policy adapter active. Recorded log-probs use ``logits / temperature`` and
+    ignore top-p truncation (the convention PPO's ratio uses).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -89,9 +94,9 @@ def sample(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     resp_mask = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
-        out = forward(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                      cache=cache, use_cache=True, logits_to_keep=1)
-        cache = out.cache
+        out = forward(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                      logits_to_keep=1, **{CACHE_ARG: cache})
+        cache = getattr(out, CACHE_ARG)
         logits = out.logits[:, -1].float() / temperature
         logp_all = logits.log_softmax(-1)
         probs = top_p_filter(logits, top_p).softmax(-1)
