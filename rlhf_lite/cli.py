@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .settings import (
@@ -96,14 +97,17 @@ def _seeded(cfg, seed: int | None):
 
 # ----- commands -----------------------------------------------------------------------------------------
 def cmd_data(args: argparse.Namespace) -> None:
+    from .outdir import check_out, clear_out
+
+    out = check_out(args.out, args.overwrite)
     if args.hh:
         from .hh_rlhf import import_hh
 
-        print(json.dumps(import_hh(args.hh, args.out, args.train_limit, args.test_limit), indent=2))
+        print(json.dumps(import_hh(args.hh, out, args.train_limit, args.test_limit, prepare=clear_out), indent=2))
         return
     from .world import generate_world
 
-    stats = generate_world(args.out, seed=args.seed or 0)
+    stats = generate_world(clear_out(out), seed=args.seed or 0)
     print(json.dumps({k: v for k, v in stats.items() if not isinstance(v, dict)}, indent=2))
 
 
@@ -113,7 +117,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
     profile = build_profile(args, config_changes(args))
     profile.model.validate()
     cfg = _seeded(profile.sft, args.seed)
-    s = train_sft(args.out, cfg, args.data, profile)
+    s = train_sft(args.out, cfg, args.data, profile, overwrite=args.overwrite)
     gold = (f"gold before {s['gold_score_before']:.3f}, after {s['gold_score_after']:.3f}, demonstrations "
             f"{s['gold_score_demos']:.3f}" if "gold_score_after" in s else "no gold judge for this data")
     print(f"SFT ({profile.name}) done in {s['wall_seconds']:.0f}s: {gold} -> {args.out}")
@@ -124,7 +128,7 @@ def cmd_rm(args: argparse.Namespace) -> None:
 
     profile = build_profile(args, config_changes(args))
     profile.model.validate()
-    s = train_rm(args.out, args.sft, _seeded(profile.rm, args.seed), args.data, profile)
+    s = train_rm(args.out, args.sft, _seeded(profile.rm, args.seed), args.data, profile, overwrite=args.overwrite)
     extra = (f", gold agreement {s['gold_agreement']:.3f} (annotators {s['annotator_gold_agreement']:.3f}), "
              f"padding gain RM {s['padding_rm_gain']:+.3f} / gold {s['padding_gold_change']:+.3f}"
              if "gold_agreement" in s else "")
@@ -140,47 +144,70 @@ def cmd_ppo(args: argparse.Namespace) -> None:
         for name, p in PRESETS.items():
             print(f"{name:<{width}}  {p.description}")
         return
+    changes = config_changes(args)
     if args.resume:  # the run's own folder: its checkpoint, metrics and final files
         if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
             raise SystemExit(f"--resume {args.resume} continues the run in that folder; drop --out {args.out}")
         args.out = args.resume
+        cfg, preset = _resume_settings(args, changes)
+    else:
+        preset = args.preset or "vanilla"
     missing = [n for n in ("sft", "rm", "out") if getattr(args, n) is None]
     if missing:
         raise SystemExit(f"ppo needs --{' --'.join(missing)}")
-    changes = config_changes(args)
     profile = build_profile(args, changes)
     profile.model.validate()
-    cfg = _seeded(replace_fields(profile.ppo_config(args.preset), ppo_changes(changes), "PPOConfig"), args.seed)
+    if not args.resume:
+        cfg = _seeded(replace_fields(profile.ppo_config(preset), ppo_changes(changes), "PPOConfig"), args.seed)
     from .ppo.stage import run_ppo
 
-    s = run_ppo(args.out, args.sft, args.rm, cfg, preset=args.preset, data_dir=args.data, resume=bool(args.resume),
-                profile=profile)
+    s = run_ppo(args.out, args.sft, args.rm, cfg, preset=preset, data_dir=args.data, resume=bool(args.resume),
+                profile=profile, overwrite=args.overwrite)
     if s["interrupted"]:
-        print(f"PPO {args.preset} stopped at iteration {s['iterations']}; continue with "
-              f"`python -m rlhf_lite ppo --resume {args.out}` and the same --sft, --rm, --preset, --seed and settings")
+        print(f"PPO {preset} stopped at iteration {s['iterations']}; continue with "
+              f"`python -m rlhf_lite ppo --resume {args.out}`")
         return
     flag = f"collapse at iteration {s['collapse_iteration']}" if s["collapse_detected"] else "no collapse"
     gold = (f"gold {s['initial_gold_score']:.3f} -> {s['final_gold_score']:.3f} (peak {s['peak_gold_score']:.3f}), "
             if s["final_gold_score"] is not None else "")
-    print(f"PPO {args.preset} ({profile.name}) done in {s['wall_seconds']:.0f}s: reward {s['initial_reward']:.2f} -> "
+    print(f"PPO {preset} ({profile.name}) done in {s['wall_seconds']:.0f}s: reward {s['initial_reward']:.2f} -> "
           f"{s['final_reward']:.2f}, {gold}KL {s['final_kl']:.3f}, {flag} -> {args.out}")
+
+
+def _resume_settings(args: argparse.Namespace, changes: dict):
+    """The config and preset to continue the run in ``args.resume`` with: the checkpoint's own, plus the PPO
+    settings given explicitly (only those a resume may change). ``--sft`` and ``--rm`` default to the folders
+    the run recorded; whatever is given is checked against the run's provenance before any model loads."""
+    from .ppo.checkpoint import resume_config
+
+    own = ppo_changes(changes) | ({"seed": args.seed} if args.seed is not None else {})
+    cfg, meta = resume_config(Path(args.resume) / "checkpoint", own)
+    if args.preset not in (None, meta["preset"]):
+        raise SettingError(f"--preset {args.preset}: the run in {args.resume} is {meta['preset']!r}, and a resume "
+                           "keeps its preset")
+    prov = meta.get("provenance") or {}
+    if args.sft is None and "path" in prov.get("sft_model", {}):
+        args.sft = str(Path(prov["sft_model"]["path"]).parent)
+    if args.rm is None and "path" in prov.get("rm", {}):
+        args.rm = prov["rm"]["path"]
+    return cfg, meta["preset"]
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from .pipeline import run_pipeline
 
     changes = config_changes(args)
-    if args.iterations:
+    if args.iterations is not None:  # 0 too: the check names it
         changes["ppo.iterations"] = args.iterations
     profile = build_profile(args, changes)
     run_pipeline(args.out, seed=args.seed or 0, data_dir=args.data, reuse=args.reuse, profile=profile,
-                 ppo_changes=ppo_changes(changes))
+                 ppo_changes=ppo_changes(changes), overwrite=args.overwrite)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_policy
 
-    out = export_policy(args.run, args.out)
+    out = export_policy(args.run, args.out, overwrite=args.overwrite)
     print(f"exported the policy of {args.run} as a plain Hugging Face model: {out}")
 
 
@@ -193,9 +220,14 @@ def cmd_profiles(args: argparse.Namespace) -> None:
 
 
 # ----- the parser ---------------------------------------------------------------------------------------
+OVERWRITE_HELP = ("replace what --out holds (a run of this project: its files are deleted once the new run's "
+                  "settings and data are checked); without it a non-empty --out is refused")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .loading import ModelSpec
     from .models import LoraSettings
+    from .ppo.checkpoint import RESUME_CHANGEABLE
     from .ppo.config import PPOConfig
     from .profiles import PROFILES
     from .rm import RMConfig
@@ -215,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "id, or 'tiny' / 'smollm2'")
         p.add_argument("--data", default=str(DATA_DIR), help="data folder (default: the shipped world data)")
         p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override one setting by name")
+        p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         for part in own:
             # the stage's seed is the common --seed
             add_config_flags(p, configs[part], f"{part}.", bare=len(own) == 1, skip=("seed",) if len(own) == 1 else ())
@@ -229,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "with train.jsonl and test.jsonl, or a file (rows the strict loader rejects are skipped and counted)")
     p.add_argument("--train-limit", type=int, help="with --hh: at most this many training pairs")
     p.add_argument("--test-limit", type=int, help="with --hh: at most this many test pairs")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_data)
 
     stage("sft", "SFT: the tiny model from scratch, or LoRA SFT of a pretrained model (merged)", ("sft",)
@@ -238,25 +272,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rm)
 
     p = stage("ppo", "run PPO with a preset (vanilla, ppo_max or an ablation)", ("ppo",))
-    p.add_argument("--preset", default="vanilla", help="see --list-presets (default vanilla)")
+    p.add_argument("--preset", default=None, help="see --list-presets (default vanilla)")
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
-    p.add_argument("--sft", help="folder written by the sft stage")
-    p.add_argument("--rm", help="folder written by the rm stage")
+    p.add_argument("--sft", help="folder written by the sft stage (with --resume: the run's own by default)")
+    p.add_argument("--rm", help="folder written by the rm stage (with --resume: the run's own by default)")
     p.add_argument("--resume", metavar="DIR",
-                   help="continue the run in DIR (an earlier --out) from DIR/checkpoint, appending to "
-                        "DIR/metrics.jsonl; give the same --sft, --rm, --preset, --seed and settings as that run "
-                        "(--iterations may be raised to extend it)")
+                   help="continue the run in DIR (an earlier --out) from DIR/checkpoint with its own settings, "
+                        "appending to DIR/metrics.jsonl; only these may be changed, each logged as a resume event: "
+                        f"{', '.join('--' + f.replace('_', '-') for f in RESUME_CHANGEABLE)} (e.g. a lower "
+                        "--policy-lr after the non-finite guard stopped the run, more --iterations)")
     p.set_defaults(func=cmd_ppo)
 
     p = stage("pipeline", "data check, SFT, RM, vanilla PPO and PPO-max, with a report", ("sft", "rm", "ppo"))
     p.set_defaults(part="pipeline")
     p.add_argument("--iterations", type=int, help="PPO iterations of both runs (same as --ppo.iterations)")
-    p.add_argument("--reuse", action="store_true", help="skip stages whose summary.json exists in --out")
+    p.add_argument("--reuse", action="store_true", help="keep the stages in --out made from the same settings, "
+                   "seed, data and models (a difference is an error naming it; with --overwrite, the stages that "
+                   "differ run again); a stopped PPO run continues from its checkpoint, and a shorter one is "
+                   "extended to --iterations")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("export", help="write a PPO run's policy as a plain Hugging Face model folder")
     p.add_argument("--run", required=True, help="a PPO run folder (with policy/)")
     p.add_argument("--out", required=True, help="where to write the merged model and its tokenizer")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("profiles", help="list the named profiles")
@@ -266,26 +305,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command in ("sft", "rm", "pipeline") and not args.out:
+        raise SystemExit(f"{args.command} needs --out")
+    set_cpu_threads()
+    from .utils import DivergedError
+
+    shown, warnings.showwarning = warnings.showwarning, _show_warning(warnings.showwarning)
+    try:
+        run(args)
+    except (ValueError, OSError) as e:  # bad input, corrupt or unreadable files (DataError, SettingError: ValueError)
+        _fail(e, 2)
+    except DivergedError as e:  # the message says what was kept (a checkpoint) and what to change
+        _fail(e, 1)
+    except KeyboardInterrupt as e:  # a second Ctrl-C (PPO), or one during SFT, RM or data
+        _fail("interrupted; a stage stopped this way leaves no summary.json: run it again with --overwrite (a PPO "
+              "run: continue it with --resume)", 130, e)
+    finally:
+        warnings.showwarning = shown
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the parsed command."""
     if getattr(args, "part", None) == "pipeline":
         # pipeline flags always name their part (--ppo.kl-coef); --set without a part is ambiguous
         for name in parse_overrides(args.set):
             if name.split(".", 1)[0] not in PARTS:
                 raise SystemExit(f"pipeline --set {name}=...: name the part ({', '.join(PARTS)}), e.g. ppo.{name}")
-    if args.command in ("sft", "rm", "pipeline") and not args.out:
-        raise SystemExit(f"{args.command} needs --out")
-    set_cpu_threads()
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, SettingError) as e:  # bad input (DataError is a ValueError): one line
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from e
-    except RuntimeError as e:
-        from .ppo.trainer import NonFiniteError  # imported only here: it pulls in torch and transformers
+    args.func(args)
 
-        if not isinstance(e, NonFiniteError):
-            raise
-        print(f"error: {e}", file=sys.stderr)  # the message names the checkpoint to resume from
-        raise SystemExit(1) from e
+
+def _show_warning(fallback):
+    """A ``warnings.showwarning`` that prints this project's own warnings (a setting or data likely not as
+    meant) as one ``warning:`` line, and hands the others to ``fallback``."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if category.__name__ in ("SettingWarning", "DataWarning"):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
+
+
+def _fail(error: BaseException | str, code: int, cause: BaseException | None = None) -> None:
+    """Print ``error: <message>`` on one line (a library's message may span several) and exit with ``code``."""
+    print(f"error: {' '.join(line.strip() for line in str(error).splitlines() if line.strip())}", file=sys.stderr)
+    raise SystemExit(code) from (cause if cause is not None else error)
 
 
 if __name__ == "__main__":

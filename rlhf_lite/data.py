@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import gzip
 import json
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,8 +102,13 @@ def _check_required(
 
 def _open_lines(path: Path) -> Iterator[bytes]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        yield from f
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, line in enumerate(f, start=1):  # the count says where a gzip breaks
+                yield line
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a truncated or corrupt compressed file
+        raise DataError(f"corrupt or truncated gzip after {lineno} lines ({e})", path) from e
 
 
 def _iter_jsonl(
@@ -112,6 +118,8 @@ def _iter_jsonl(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(errno.ENOENT, "no such data file", str(path))
+    if path.is_dir():
+        raise DataError("is a folder, not a JSONL data file", path)
     for lineno, raw in enumerate(_open_lines(path), start=1):
         try:
             line = raw.decode("utf-8")
@@ -243,8 +251,30 @@ def load_preference_pairs(path: _PathLike, limit: int | None = None) -> list[Pre
 # --------------------------------------------------------------------------- prompts and SFT
 
 
+def _check_prompt(prompt: str, path: _PathLike, lineno: int) -> None:
+    """An HH prompt starts with a Human turn and ends with the open Assistant turn the model answers."""
+    if not prompt.startswith(HUMAN):
+        raise DataError(f"'prompt' must start with {HUMAN!r}; it starts {_excerpt(prompt)}", path, lineno)
+    if not prompt.endswith(ASSISTANT):
+        raise DataError(f"'prompt' must end with {ASSISTANT!r}; it ends {_excerpt(prompt, tail=True)}", path, lineno)
+
+
+SFT_KEYS: dict[str, type] = {"prompt": str, "response": str}
+
+
+def _check_sft_row(row: dict[str, Any], path: _PathLike, lineno: int) -> None:
+    """An SFT row (keys already type-checked): an HH prompt and one non-blank reply."""
+    _check_prompt(row["prompt"], path, lineno)
+    if not row["response"].strip():
+        raise DataError(f"'response' is empty: {row['response']!r}", path, lineno)
+    if HUMAN in row["response"] or ASSISTANT in row["response"]:
+        raise DataError(f"'response' holds a turn marker, so it is not one reply: {_excerpt(row['response'])}",
+                        path, lineno)
+
+
 def load_prompts(path: _PathLike, limit: int | None = None) -> list[dict]:
-    """Load PPO prompt rows: each has a ``"prompt"`` str ending in ``"\\n\\nAssistant:"``; other fields kept.
+    """Load PPO prompt rows: each has a ``"prompt"`` str, an HH prompt (it starts with ``"\\n\\nHuman:"`` and
+    ends with ``"\\n\\nAssistant:"``); other fields kept.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -254,19 +284,15 @@ def load_prompts(path: _PathLike, limit: int | None = None) -> list[dict]:
 
     def rows() -> Iterator[dict]:
         for lineno, row in _iter_jsonl(path, {"prompt": str}):
-            if not row["prompt"].endswith(ASSISTANT):
-                raise DataError(
-                    f"'prompt' must end with {ASSISTANT!r}; it ends {_excerpt(row['prompt'], tail=True)}",
-                    path,
-                    lineno,
-                )
+            _check_prompt(row["prompt"], path, lineno)
             yield row
 
     return _collect(rows(), limit, path)
 
 
 def load_sft(path: _PathLike, limit: int | None = None) -> list[dict]:
-    """Load SFT rows: each has ``"prompt"`` and a non-blank ``"response"`` str; other fields kept.
+    """Load SFT rows: each has an HH ``"prompt"`` and a non-blank ``"response"`` str holding no turn marker;
+    other fields kept.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -275,9 +301,8 @@ def load_sft(path: _PathLike, limit: int | None = None) -> list[dict]:
     _check_limit(limit)
 
     def rows() -> Iterator[dict]:
-        for lineno, row in _iter_jsonl(path, {"prompt": str, "response": str}):
-            if not row["response"].strip():
-                raise DataError(f"'response' is empty: {row['response']!r}", path, lineno)
+        for lineno, row in _iter_jsonl(path, SFT_KEYS):
+            _check_sft_row(row, path, lineno)
             yield row
 
     return _collect(rows(), limit, path)

@@ -26,20 +26,30 @@ def policy_base(run_dir: str | Path) -> str:
     return base
 
 
-def export_policy(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+def export_policy(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
+                  overwrite: bool = True) -> Path:
     """Merge ``run_dir/policy`` into its base model and write a plain model folder (weights, config and
-    tokenizer) to ``out_dir``; returns ``out_dir``. ``dtype``: the saved weights' dtype (default: the base's)."""
+    tokenizer) to ``out_dir``; returns ``out_dir``. ``dtype``: the saved weights' dtype (default: the base's).
+    A model already in ``out_dir`` is replaced only with ``overwrite`` (see :mod:`rlhf_lite.outdir`)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run, out = Path(run_dir), Path(out_dir)
+    from .outdir import check_out, clear_out
+    from .stage import check_adapter_files
+
+    run, out = Path(run_dir), check_out(out_dir, overwrite)
     if not (run / "policy" / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{run / 'policy'} holds no policy adapter: is {run} a finished PPO run?")
+    check_adapter_files(run / "policy")
     base_dir = policy_base(run)
     quiet_hf_progress()
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype or "auto")
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype or "auto")
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load the policy's base model {base_dir}: {str(e).splitlines()[0]}") from e
     merged = PeftModel.from_pretrained(base, str(run / "policy")).merge_and_unload()
     merged.config.use_cache = True
+    clear_out(out)  # an earlier export's shards go only now, with the merged model in hand
     merged.save_pretrained(out)
     load_tokenizer_for(base_dir).save_pretrained(out)
     return out

@@ -104,7 +104,7 @@ def load_hh_rlhf(source: _PathLike, split: str = "train", limit: int | None = No
     try:
         out = _collect(pairs(), limit, label)
     except DataError as e:
-        if strict or e.lineno is not None:
+        if strict or e.lineno is not None or not e.reason.startswith("no rows"):  # a file error stays one
             raise
         raise DataError(f"no usable HH-RLHF rows (skipped: {dict(skipped)})", label) from e
     return out if strict else (out, skipped)
@@ -152,12 +152,15 @@ def write_layout(out_dir: _PathLike, train: Sequence[PreferencePair], test: Sequ
 
 
 def import_hh(source: _PathLike, out_dir: _PathLike, train_limit: int | None = None,
-              test_limit: int | None = None) -> dict:
+              test_limit: int | None = None, prepare=None) -> dict:
     """Read HH-RLHF's train and test splits from ``source`` (skip-and-count: real HH-RLHF has a few
     unusable rows) and write them in this project's layout into ``out_dir``; returns the row counts and
-    the skip reasons of each split."""
+    the skip reasons of each split. ``prepare(out_dir)`` runs once both splits have been read, before the
+    first write (the CLI clears an earlier data set there)."""
     train, skipped_train = load_hh_rlhf(source, "train", train_limit, strict=False)
     test, skipped_test = load_hh_rlhf(source, "test", test_limit, strict=False)
+    if prepare is not None:
+        prepare(out_dir)
     write_layout(out_dir, train, test, str(source))
     return {"train_pairs": len(train), "test_pairs": len(test), "skipped_train": dict(skipped_train),
             "skipped_test": dict(skipped_test)}

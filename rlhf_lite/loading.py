@@ -72,6 +72,8 @@ class ModelSpec:
         require(self, self.device == "auto" or _valid_device(self.device), "device", "is not a torch device")
         require(self, not (self.is_tiny and self.quantization != "none"), "quantization",
                 "must be 'none' for the tiny model (it is trained from scratch in full)")
+        if self.is_tiny:
+            self.tiny.validate()
 
 
 def _valid_device(name: str) -> bool:
@@ -241,6 +243,10 @@ def load_tokenizer_for(name_or_path: str | Path) -> PreTrainedTokenizerBase:
         tok = AutoTokenizer.from_pretrained(str(name_or_path))
     except OSError as e:
         raise FileNotFoundError(f"cannot load a tokenizer from {name_or_path}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # a corrupt tokenizer file: a JSON error, or the tokenizers library's bare Exception
+        if type(e) is not Exception and not isinstance(e, ValueError):
+            raise
+        raise ValueError(f"the tokenizer files of {name_or_path} are corrupt ({str(e).splitlines()[0]})") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -47,6 +47,16 @@ class TinyModelConfig:
     max_positions: int = 128
     """Context length: prompt plus response must fit."""
 
+    def validate(self) -> None:
+        """Fail before the model is built, naming the field."""
+        from .settings import positive, require
+
+        positive(self, "hidden_size", "num_layers", "num_heads", "intermediate_size")
+        require(self, self.hidden_size % self.num_heads == 0 and self.hidden_size // self.num_heads % 2 == 0,
+                "hidden_size", f"must be an even multiple of num_heads ({self.num_heads}): rotary embeddings need an "
+                "even head width")
+        require(self, self.max_positions >= 8, "max_positions", "must be >= 8 (a prompt and a response)")
+
 
 @dataclass(frozen=True)
 class LoraSettings:
@@ -60,6 +70,15 @@ class LoraSettings:
     """Dropout on the adapter input (0 keeps rollouts and updates deterministic)."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """Names of the linear layers that get adapters."""
+
+    def validate(self) -> None:
+        """Fail before any model loads, naming the field."""
+        from .settings import check_common, positive, require
+
+        check_common(self)
+        positive(self, "r", "alpha")
+        require(self, 0 <= self.dropout < 1, "dropout", "must lie in [0, 1)")
+        require(self, len(self.target_modules) > 0, "target_modules", "must name at least one layer")
 
 
 def build_tiny_model(vocab_size: int, pad_id: int, eos_id: int, cfg: TinyModelConfig, seed: int) -> LlamaForCausalLM:
@@ -343,6 +362,11 @@ class AdapterStack(nn.Module):
         saved = read_lora_settings(folder)
         if saved != self.lora:
             raise ValueError(f"adapter in {folder} was trained with {saved}, but this stack uses {self.lora}")
+        from .stage import check_adapter_files
+
+        check_adapter_files(folder)  # a corrupt weight file fails naming itself
+        if name in self.heads and not (folder / HEAD_WEIGHTS).is_file():
+            raise FileNotFoundError(f"{folder / HEAD_WEIGHTS} is missing: the {name} adapter needs its head")
         head = load_file(str(folder / HEAD_WEIGHTS)) if name in self.heads else {}
         self.load_adapter_state(name, load_file(str(folder / ADAPTER_WEIGHTS)), head)
 
@@ -354,8 +378,12 @@ def read_lora_settings(folder: str | Path) -> LoraSettings:
     path = folder / ADAPTER_CONFIG
     if not path.is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder} holds no adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} expected)")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+        targets = set(cfg["target_modules"])
+        r, alpha, dropout = cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not a LoRA adapter's config
+        raise ValueError(f"{path} is not a valid LoRA adapter config ({type(e).__name__}: {e})") from e
     known = LoraSettings().target_modules  # peft stores targets as a set: restore our order
-    targets = set(cfg["target_modules"])
     order = tuple(m for m in known if m in targets) + tuple(sorted(targets - set(known)))
-    return LoraSettings(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"], target_modules=order)
+    return LoraSettings(r=r, alpha=alpha, dropout=dropout, target_modules=order)

@@ -71,6 +71,7 @@ class Profile:
     def validate(self) -> None:
         """Check every part before any model loads (each error names its field)."""
         self.model.validate()
+        self.lora.validate()
         self.sft.validate()
         self.rm.validate()
         self.ppo.validate(self.context_length)

@@ -9,6 +9,7 @@ imported HH-RLHF pairs; on world data :mod:`rlhf_lite.rm_eval` adds what accurac
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,11 +22,14 @@ import torch.nn.functional as F
 from . import data as data_mod
 from .batching import last_token_index, pad_batch
 from .models import AdapterStack
+from .outdir import clear_out
 from .ppo.core import ptx_loss
-from .settings import check_common, positive, require, to_dict
-from .stage import SFTRun, begin_stage, data_fingerprint, gold_judge_for, model_fingerprint
+from .provenance import rm_provenance
+from .settings import check_common, fits_data, positive, require, to_dict, warn_setting
+from .stage import SFTRun, begin_stage, gold_judge_for
 from .text import encode_pair_texts, model_prompt, model_response
-from .utils import DATA_DIR, MetricsLog, progress, seed_everything, write_json
+from .utils import DATA_DIR, DivergedError, MetricsLog, progress, seed_everything, write_json
+from .validate import check_stage_data
 
 REWARD = "reward"
 """The reward model's adapter (and its folder in an RM run)."""
@@ -62,14 +66,20 @@ class RMConfig:
     seed: int = 0
     """Seed of batch order and sampling."""
 
-    def validate(self) -> None:
-        """Fail before training on impossible values, naming the field."""
+    def validate(self, rows: dict[str, int] | None = None, gold: bool = False) -> None:
+        """Fail before training on impossible values, naming the field; ``rows`` (rows per data file, once the
+        data is checked) and ``gold`` (the data has a gold judge) add the checks against the data's size."""
         check_common(self)
         positive(self, "steps", "batch_size", "eval_every", "n_eval_pairs", "max_new_tokens", "eval_batch_size",
                  "n_fresh_prompts", "lr")
         require(self, self.warmup_steps >= 1, "warmup_steps", "must be >= 1")
-        require(self, self.lm_coef is None or self.lm_coef >= 0, "lm_coef", "must be >= 0 or None")
+        require(self, self.lm_coef is None or self.lm_coef > 0, "lm_coef", "must be > 0, or None (off)")
         require(self, self.max_len is None or self.max_len > 1, "max_len", "must be > 1 or None")
+        warn_setting(self, self.warmup_steps > self.steps, "warmup_steps", f"exceeds steps ({self.steps}): the "
+                     "learning rate never reaches RMConfig.lr")
+        fits_data(self, "batch_size", rows, "prefs_train.jsonl", "preference pairs")
+        if gold:
+            fits_data(self, "n_fresh_prompts", rows, "prompts_test.jsonl", "test prompts")
 
 
 # ----- the math -----------------------------------------------------------------------------------
@@ -179,26 +189,32 @@ def context_length(stack: AdapterStack, profile) -> int:
 
 
 def train_rm(out_dir: str | Path, sft_dir: str | Path, cfg: RMConfig | None = None,
-             data_dir: str | Path = DATA_DIR, profile=None) -> dict:
+             data_dir: str | Path = DATA_DIR, profile=None, overwrite: bool = True) -> dict:
     """Train and evaluate the RM of ``profile`` (default: tiny); write ``reward/`` (a peft adapter folder with
-    its head), metrics.jsonl, test_scores.npz, plots and summary.json (and probe.jsonl on world data)."""
-    from .loading import optimizer_factory
+    its head), metrics.jsonl, test_scores.npz, plots and summary.json (and probe.jsonl on world data). An
+    earlier run in ``out_dir`` is replaced only with ``overwrite`` (see :mod:`rlhf_lite.outdir`)."""
+    from .loading import load_tokenizer_for, optimizer_factory
     from .plotting import plot_rm
+    from .ppo.guard import check_finite_module
     from .profiles import TINY
     from .rm_eval import pearson, world_diagnostics
 
     profile = profile or TINY
     cfg = cfg or profile.rm
-    out, timer = begin_stage(out_dir, cfg, profile)
+    out, timer = begin_stage(out_dir, cfg, profile, overwrite)
     data_dir = Path(data_dir)
+    check_stage_data("rm", data_dir, cfg, profile)  # every row, the batch against the data
+    sft = SFTRun.open(sft_dir)
+    if profile.model.is_tiny:  # the tiny model does not truncate: every pair must fit its context
+        check_stage_data("rm", data_dir, cfg, profile, load_tokenizer_for(sft.model), sft.context_length())
     train_pairs = data_mod.load_preference_pairs(data_dir / "prefs_train.jsonl")
     test_pairs = data_mod.load_preference_pairs(data_dir / "prefs_test.jsonl")
     judge = gold_judge_for(data_dir)
-    sft = SFTRun.open(sft_dir)
-    provenance = {"sft_model": model_fingerprint(sft.model), "data": data_fingerprint(data_dir), "seed": cfg.seed}
+    provenance = rm_provenance(cfg, profile, sft.model, data_dir)
 
     seed_everything(cfg.seed)
     stack, tok = build_rm_stack(sft_dir, profile)
+    check_finite_module(stack.base_model, str(sft.model))
     max_len = cfg.max_len or context_length(stack, profile)
     truncate, system = not profile.model.is_tiny, profile.model.system_prompt
     train_enc = encode_pairs(tok, train_pairs, max_len, truncate, system)
@@ -211,6 +227,7 @@ def train_rm(out_dir: str | Path, sft_dir: str | Path, cfg: RMConfig | None = No
 
     opt = optimizer_factory(profile.model, stack.device)(stack.adapter_parameters(REWARD), cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    clear_out(out)  # an earlier run's files go only now, with every check passed and the model loaded
     log = MetricsLog(out / "metrics.jsonl")
     order: list[int] = []
     stack.train()
@@ -221,6 +238,9 @@ def train_rm(out_dir: str | Path, sft_dir: str | Path, cfg: RMConfig | None = No
         del order[: cfg.batch_size]
         ids, att, lm = (t.to(stack.device) for t in collate_pairs(batch, tok.pad_token_id))
         loss, stats = rm_loss(stack, ids, att, lm, cfg.lm_coef)
+        if not math.isfinite(stats["loss"]):  # before the step: the adapter is never saved poisoned
+            raise DivergedError(f"RM step {step}: the loss is {stats['loss']}; nothing was saved: lower RMConfig.lr "
+                                f"({cfg.lr:g}) and run the stage again")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -19,11 +19,17 @@ import math
 import textwrap
 import types
 import typing
+import warnings
 from typing import Any, Literal
 
 
 class SettingError(ValueError):
     """A setting that cannot be used; the message names the field."""
+
+
+class SettingWarning(UserWarning):
+    """A setting that works but likely not as meant (a detector that cannot fire in so short a run, a warm-up
+    longer than the training); the message names the field."""
 
 
 @functools.cache
@@ -173,6 +179,28 @@ def positive(cfg: Any, *names: str) -> None:
         require(cfg, getattr(cfg, name) > 0, name, "must be positive")
 
 
+def fits_data(cfg: Any, name: str, rows: dict[str, int] | None, file: str, what: str = "rows") -> None:
+    """Field ``name`` (a count per batch or per evaluation) must not exceed the ``rows`` of data ``file``
+    (skipped when the sizes are not known yet)."""
+    if rows is not None and file in rows:
+        require(cfg, getattr(cfg, name) <= rows[file], name, f"exceeds the {rows[file]} {what} of {file}")
+
+
+def warn_setting(cfg: Any, condition: bool, name: str, message: str) -> None:
+    """A :class:`SettingWarning` ``"{Config}.{name} ({value}) {message}"`` when ``condition`` holds."""
+    if condition:
+        value = getattr(cfg, name, None)
+        warnings.warn(f"{type(cfg).__name__}.{name} ({value!r}) {message}", SettingWarning, stacklevel=3)
+
+
+def revalidate(cfg: Any, *args: Any, **kwargs: Any) -> None:
+    """``cfg.validate(*args, **kwargs)`` once more (now against the data's size) without repeating the
+    :class:`SettingWarning` of the first check."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SettingWarning)
+        cfg.validate(*args, **kwargs)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain JSON data (tuples become lists), as summaries and checkpoints store it."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -194,5 +222,6 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-__all__ = ["SettingError", "check_common", "coerce", "describe_type", "field_docs", "from_dict", "parse_overrides",
-           "parse_value", "positive", "replace_fields", "require", "to_dict", "type_hints"]
+__all__ = ["SettingError", "SettingWarning", "check_common", "coerce", "describe_type", "field_docs", "fits_data",
+           "from_dict", "parse_overrides", "parse_value", "positive", "replace_fields", "require", "revalidate", "to_dict",
+           "type_hints", "warn_setting"]

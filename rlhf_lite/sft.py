@@ -30,10 +30,13 @@ from . import data as data_mod
 from .batching import length_buckets, pad_batch
 from .evaluation import evaluate_gold
 from .models import position_ids_from_mask
-from .settings import check_common, positive, require, to_dict
-from .stage import begin_stage, data_fingerprint, eval_prompts, gold_judge_for
+from .outdir import clear_out
+from .provenance import sft_provenance
+from .settings import check_common, fits_data, positive, require, to_dict, warn_setting
+from .stage import begin_stage, eval_prompts, gold_judge_for
 from .text import encode_pair_texts, model_prompt
-from .utils import DATA_DIR, MetricsLog, progress, seed_everything, write_json
+from .utils import DATA_DIR, DivergedError, MetricsLog, progress, seed_everything, write_json
+from .validate import check_stage_data
 
 
 @dataclass(frozen=True)
@@ -66,15 +69,28 @@ class SFTConfig:
     seed: int = 0
     """Seed of initialisation, batch order and dropout."""
 
-    def validate(self) -> None:
-        """Fail before training on impossible values, naming the field."""
+    def validate(self, rows: dict[str, int] | None = None, gold: bool = False) -> None:
+        """Fail before training on impossible values, naming the field; ``rows`` (rows per data file, once the
+        data is checked) and ``gold`` (the data has a gold judge) add the checks against the data's size."""
         check_common(self)
         positive(self, "batch_size", "max_new_tokens", "n_eval_prompts", "log_every", "eval_every", "lr")
         require(self, self.pretrain_steps >= 0, "pretrain_steps", "must be >= 0")
         require(self, self.sft_steps >= 0, "sft_steps", "must be >= 0")
+        require(self, self.pretrain_steps + self.sft_steps > 0, "sft_steps", "and pretrain_steps are both 0: nothing "
+                "would train")
         require(self, self.warmup_steps >= 1, "warmup_steps", "must be >= 1")
         require(self, self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(self, self.max_len is None or self.max_len > 1, "max_len", "must be > 1 or None")
+        steps = [n for n in (self.pretrain_steps, self.sft_steps) if n]
+        warn_setting(self, self.warmup_steps > min(steps), "warmup_steps", f"exceeds a phase's steps ({min(steps)}): "
+                     "the learning rate never reaches SFTConfig.lr in it")
+        warn_setting(self, self.log_every > max(steps), "log_every", "exceeds every phase's steps: no loss is logged")
+        fits_data(self, "batch_size", rows, "sft.jsonl", "demonstrations")
+        if self.pretrain_steps and rows is not None and "prefs_train.jsonl" in rows:
+            require(self, self.batch_size <= 2 * rows["prefs_train.jsonl"], "batch_size", "exceeds the "
+                    f"{2 * rows['prefs_train.jsonl']} pretraining texts of prefs_train.jsonl")
+        if gold:
+            fits_data(self, "n_eval_prompts", rows, "prompts_test.jsonl", "test prompts")
 
 
 def lr_lambda(warmup: int, total: int):
@@ -130,12 +146,16 @@ def train_phase(model, params: Sequence[torch.nn.Parameter], phase: Phase, cfg: 
         batch = rng.sample(phase.examples, cfg.batch_size) if len(phase.examples) >= cfg.batch_size else phase.examples
         ids, att, lm = (t.to(device) for t in pad_batch([b[0] for b in batch], [b[1] for b in batch], pad_id))
         loss = lm_loss(model, ids, att, lm)
+        value = loss.item()
+        if not math.isfinite(value):  # before the step: the weights are never saved poisoned
+            raise DivergedError(f"SFT {phase.name} step {step + 1}: the loss is {value}; nothing was saved: lower "
+                                f"SFTConfig.lr ({cfg.lr:g}) and run the stage again")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        running += loss.item()
+        running += value
         if (step + 1) % cfg.log_every == 0:
             log.log({"phase": phase.name, "step": phase.step0 + step + 1, "loss": running / cfg.log_every,
                      "lr": sched.get_last_lr()[0]})
@@ -155,21 +175,23 @@ def encode_demos(tok, rows: Sequence[tuple[str, str]], max_len: int, truncate: b
 
 
 def train_sft(out_dir: str | Path, cfg: SFTConfig | None = None, data_dir: str | Path = DATA_DIR,
-              profile=None) -> dict:
+              profile=None, overwrite: bool = True) -> dict:
     """Run the SFT stage of ``profile`` (default: tiny) end to end; write model, metrics, plots and summary.json.
 
     Writes ``out_dir/model`` (the SFT model and tokenizer, the base of later stages), ``metrics.jsonl``,
     ``summary.json`` and ``sft_curves.png``; the tiny model also writes ``out_dir/pretrained`` (the
-    LM-pretrained model before SFT), a pretrained model its SFT adapter in ``out_dir/sft_adapter``.
-    Returns the summary.
+    LM-pretrained model before SFT), a pretrained model its SFT adapter in ``out_dir/sft_adapter``. An
+    earlier run in ``out_dir`` is replaced only with ``overwrite`` (see :mod:`rlhf_lite.outdir`). Returns the
+    summary.
     """
     from .profiles import TINY
     from .sft_models import make_sft_model, save_sft_model
 
     profile = profile or TINY
     cfg = cfg or profile.sft
-    out, timer = begin_stage(out_dir, cfg, profile)
+    out, timer = begin_stage(out_dir, cfg, profile, overwrite)
     data_dir = Path(data_dir)
+    check_stage_data("sft", data_dir, cfg, profile)  # every row, its token budget, the batch against the data
     sft_rows = data_mod.load_sft(data_dir / "sft.jsonl")
     pref_pairs = data_mod.load_preference_pairs(data_dir / "prefs_train.jsonl") if cfg.pretrain_steps else []
     judge = gold_judge_for(data_dir)
@@ -185,6 +207,7 @@ def train_sft(out_dir: str | Path, cfg: SFTConfig | None = None, data_dir: str |
                             truncate, system, response_only=False)
     demos = encode_demos(tok, [(r["prompt"], r["response"]) for r in sft_rows], max_len, truncate, system)
 
+    clear_out(out)  # an earlier run's files go only now, with every check passed and the model built
     log = MetricsLog(out / "metrics.jsonl")
     last_eval = {}  # phase -> its final evaluation, reused for the summary (no second sampling pass)
 
@@ -226,7 +249,7 @@ def train_sft(out_dir: str | Path, cfg: SFTConfig | None = None, data_dir: str |
         "config": to_dict(cfg),
         "model": to_dict(profile.model),
         "base_source": sm.source,
-        "provenance": {"data": data_fingerprint(data_dir), "seed": cfg.seed},
+        "provenance": sft_provenance(cfg, profile, data_dir),
         "parameters": sm.parameters,
         "trainable_parameters": trainable,
         "wall_seconds": None,

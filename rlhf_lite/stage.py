@@ -42,14 +42,16 @@ def eval_prompts(tokenizer, data_dir: str | Path, n: int, system_prompt: bool = 
     return format_prompts(tokenizer, raw_prompts(data_dir, "test", n), system_prompt=system_prompt)[0]
 
 
-def begin_stage(out_dir: str | Path, cfg, profile) -> tuple[Path, Stopwatch]:
-    """The prologue of a stage: check its config and the profile's model spec (before anything loads), make
-    its output folder, start its clock."""
+def begin_stage(out_dir: str | Path, cfg, profile, overwrite: bool = True) -> tuple[Path, Stopwatch]:
+    """The prologue of a stage: check its config, the profile's model and LoRA settings and its output folder
+    (:func:`~rlhf_lite.outdir.check_out`: an earlier run there is replaced only with ``overwrite``), all
+    before anything loads; start its clock. The stage clears the folder just before its first write."""
+    from .outdir import check_out
+
     cfg.validate()
     profile.model.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return out, Stopwatch()
+    profile.lora.validate()
+    return check_out(out_dir, overwrite), Stopwatch()
 
 
 # ----- the SFT stage's folders ------------------------------------------------------------------------
@@ -68,7 +70,16 @@ class SFTRun:
         model = folder / "model"
         if not (model / "config.json").is_file():
             raise FileNotFoundError(f"{model} has no model: run `python -m rlhf_lite sft --out {folder}` first")
+        read_json(model / "config.json")  # a corrupt config or weight file fails here, naming itself
+        check_weight_files(model)
         return cls(folder, model)
+
+    def context_length(self) -> int:
+        """The SFT model's context length (its config.json's ``max_position_embeddings``)."""
+        n = read_json(self.model / "config.json").get("max_position_embeddings")
+        if not isinstance(n, int) or n < 2:
+            raise ValueError(f"{self.model / 'config.json'} has no usable max_position_embeddings ({n!r})")
+        return n
 
     def pretrained(self) -> str:
         """The model before SFT (where ``policy_init="pretrained"`` starts): the tiny model's LM-pretrained
@@ -77,6 +88,27 @@ class SFTRun:
         if (folder / "config.json").is_file():
             return str(folder)
         return read_json(self.folder / "summary.json")["base_source"]
+
+
+# ----- file checks ------------------------------------------------------------------------------------
+def check_weight_files(folder: Path, names: tuple[str, ...] | None = None) -> None:
+    """Read the header of every safetensors file of ``folder`` (or the named ones): ValueError naming a
+    truncated or corrupt one before any model loads. Reading a header costs nothing, whatever the model size."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in [folder / n for n in names] if names else sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path} is not a whole safetensors file (truncated or corrupt?): {e}") from e
+
+
+def check_adapter_files(folder: Path) -> None:
+    """The weight files of an adapter folder (``save_adapter``'s) are whole."""
+    from .models import ADAPTER_WEIGHTS, HEAD_WEIGHTS
+
+    check_weight_files(folder, tuple(n for n in (ADAPTER_WEIGHTS, HEAD_WEIGHTS) if (folder / n).exists()))
 
 
 # ----- provenance -------------------------------------------------------------------------------------
@@ -106,5 +138,5 @@ def data_fingerprint(data_dir: str | Path) -> dict[str, str]:
     return {"path": str(folder), "sha256": file_digest(*files)}
 
 
-__all__ = ["SFTRun", "begin_stage", "data_fingerprint", "eval_prompts", "file_digest", "gold_judge_for", "model_fingerprint",
-           "raw_prompts", "world_judge"]
+__all__ = ["SFTRun", "begin_stage", "check_adapter_files", "check_weight_files", "data_fingerprint", "eval_prompts",
+           "file_digest", "gold_judge_for", "model_fingerprint", "raw_prompts", "world_judge"]

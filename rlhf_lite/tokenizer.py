@@ -92,5 +92,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     file = _file(path)
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer file at {file}")
-    return PreTrainedTokenizerFast(tokenizer_file=str(file), pad_token=PAD, eos_token=EOS, unk_token=UNK,
-                                   padding_side="left", clean_up_tokenization_spaces=False)
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=str(file), pad_token=PAD, eos_token=EOS, unk_token=UNK,
+                                       padding_side="left", clean_up_tokenization_spaces=False)
+    except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        if type(e) is not Exception and not isinstance(e, ValueError):
+            raise
+        raise ValueError(f"{file} is not a valid tokenizer file (corrupt or truncated?): {e}") from e

@@ -21,6 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
 
 
+class DivergedError(RuntimeError):
+    """Training met non-finite values it cannot go on from; the message says what was kept and what to change."""
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, numpy and torch; return a torch.Generator seeded the same for explicit sampling."""
     random.seed(seed)
@@ -65,11 +69,20 @@ def write_json(path: str | Path, obj: dict) -> None:
 
 
 def read_json(path: str | Path) -> dict:
-    """Read a JSON file, naming it in the error if it is missing."""
+    """Read a JSON object from a file; FileNotFoundError or ValueError naming the file when it is missing,
+    a folder, or not a valid JSON object (a truncated or corrupt file)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} not found")
-    return json.loads(p.read_text())
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder, not a JSON file")
+    try:
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is not valid JSON (corrupt or truncated?): {e}") from e
+    if isinstance(data, dict):
+        return data
+    raise ValueError(f"{p} holds a JSON {type(data).__name__}, not an object")
 
 
 class MetricsLog:

@@ -147,16 +147,16 @@ def test_checkpoint_config_must_match_except_iterations(tmp_path: Path) -> None:
     trainer.iteration = 3
     trainer.save_checkpoint(tmp_path / "checkpoint")
     assert check_checkpoint(tmp_path / "checkpoint", replace(CFG, iterations=10))["iteration"] == 3
-    with pytest.raises(ValueError, match=r"kl_coef: checkpoint 0\.1, requested 0\.3"):
+    with pytest.raises(ValueError, match=r"kl_coef: 0\.1 in the checkpoint, 0\.3 requested"):
         check_checkpoint(tmp_path / "checkpoint", replace(CFG, kl_coef=0.3))
     with pytest.raises(ValueError, match=r"iterations \(2\) is below the iteration it reached \(3\)"):
         check_checkpoint(tmp_path / "checkpoint", replace(CFG, iterations=2))
     other = PPOTrainer(replace(CFG, seed=1), tiny_setup(), tmp_path / "other")
     before = adapter_states(other)
-    with pytest.raises(ValueError, match="seed: checkpoint 0, requested 1"):
+    with pytest.raises(ValueError, match="seed: 0 in the checkpoint, 1 requested"):
         other.load_checkpoint(tmp_path / "checkpoint")
     assert other.iteration == 0 and all(torch.equal(before[k], v) for k, v in adapter_states(other).items())
-    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
         check_checkpoint(tmp_path / "nothing", CFG)
 
 
@@ -307,12 +307,13 @@ def test_bad_data_row_fails_with_file_and_line_before_models(folders, profile, t
     good = json.dumps({"prompt": TRAIN_PROMPTS[0]})
     (data / "prompts_train.jsonl").write_text(f"{good}\n{good}\n{json.dumps({'prompt': 'no marker'})}\n")
     monkeypatch.setattr(stage_mod, "load_base", _boom)
-    with pytest.raises(DataError, match=r"prompts_train\.jsonl:3: 'prompt' must end with"):
+    with pytest.raises(DataError, match=r"prompts_train\.jsonl:3: 'prompt' must start with"):
         build_setup(CFG, *folders, data_dir=data, profile=profile)
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"max_new_tokens": 63}, r"max_new_tokens \(63\) leaves 1 tokens for prompts, and \d+ prompts .* longer"),
+    ({"max_new_tokens": 63}, (r"prompts_train\.jsonl:1: prompt of \d+ tokens exceeds the model's context minus "
+                             r"PPOConfig\.max_new_tokens \(63\) = 1 tokens")),
     ({"max_new_tokens": 64}, r"max_new_tokens must be below the model's context length \(64\), got 64"),
 ])
 def test_response_over_the_context_fails_before_models(folders, profile, monkeypatch, changes, message) -> None:
@@ -327,7 +328,7 @@ def test_run_ppo_checks_settings_and_checkpoint_first(folders, profile, tmp_path
         run_ppo(tmp_path / "out", tmp_path / "none", tmp_path / "none", replace(CFG, clip_eps=0.0))
     with pytest.raises(ValueError, match="PPOConfig.max_nonfinite must be >= 1"):
         run_ppo(tmp_path / "out", *folders, replace(CFG, max_nonfinite=0), profile=profile)
-    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
         run_ppo(tmp_path / "out", *folders, CFG, resume=True, profile=profile)
 
 
@@ -364,7 +365,7 @@ def test_cli_errors_are_one_clear_line(folders, tmp_path: Path, capsys, monkeypa
     code, err = _cli_error([*base, "--critic-init", "nope"], capsys)
     assert code == 2 and err == "error: PPOConfig.critic_init: expected one of 'sft', 'rm', got 'nope'\n"
     code, err = _cli_error(["ppo", "--sft", str(sft), "--rm", str(rm), "--resume", str(tmp_path / "out")], capsys)
-    assert code == 2 and "holds no checkpoint" in err and err.count("\n") == 1
+    assert code == 2 and "holds no complete checkpoint" in err and err.count("\n") == 1
     code, _ = _cli_error([*base, "--resume", str(tmp_path / "elsewhere")], capsys)
     assert "continues the run in that folder" in code
 

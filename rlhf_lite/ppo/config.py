@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from ..settings import check_common, positive, require, to_dict
+from ..settings import check_common, fits_data, positive, require, to_dict, warn_setting
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,21 @@ class CollapseBands:
     """See ``gold_drop``."""
     patience: int = 2
     """Consecutive iterations outside a band before the flag is raised."""
+
+    def validate(self, iterations: int | None = None) -> None:
+        """Refuse bands that switch the detector off or make it fire on healthy runs (naming the field); warn
+        when a run of ``iterations`` is too short for it to fire."""
+        require(self, self.baseline_iterations >= 1, "baseline_iterations", "must be >= 1 (the bands are relative "
+                "to the first iterations)")
+        require(self, self.patience >= 1, "patience", "must be >= 1")
+        for name in ("length_ratio", "ref_perplexity_ratio"):
+            require(self, getattr(self, name) > 1, name, "must be > 1 (a multiple of the baseline)")
+        positive(self, "kl_max", "gold_drop")
+        require(self, self.reward_rise >= 0, "reward_rise", "must be >= 0")
+        if iterations is not None:
+            first = max(self.baseline_iterations + 1, self.patience)
+            warn_setting(self, iterations < first, "baseline_iterations", f"with patience {self.patience} lets the "
+                         f"collapse detector fire from iteration {first} on, after this run's {iterations}")
 
 
 @dataclass(frozen=True)
@@ -123,9 +138,11 @@ class PPOConfig:
     seed: int = 0
     """Seed of prompt order and sampling."""
 
-    def validate(self, context_length: int | None = None) -> None:
-        """Fail before any training on impossible settings, naming the field."""
+    def validate(self, context_length: int | None = None, rows: dict[str, int] | None = None) -> None:
+        """Fail before any training on impossible settings, naming the field; ``context_length`` (the model's)
+        and ``rows`` (rows per data file, once the data is checked) add the checks against them."""
         check_common(self)
+        self.collapse.validate(self.iterations)
         positive(self, "iterations", "rollout_batch", "minibatch_size", "ppo_epochs", "max_new_tokens", "gold_every",
                  "sample_every", "policy_lr", "critic_lr", "clip_eps", "temperature")
         for name in ("reward_clip", "adv_norm_clip", "value_clip", "max_grad_norm", "kl_coef", "entropy_coef",
@@ -140,6 +157,9 @@ class PPOConfig:
                 f"must be in [0, iterations={self.iterations})")
         require(self, self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         require(self, self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
+        require(self, all(0 <= b < 1 for b in self.adam_betas), "adam_betas", "must both lie in [0, 1)")
+        require(self, self.entropy_target >= 0, "entropy_target", "must be >= 0 (nats per token)")
+        fits_data(self, "rollout_batch", rows, "prompts_train.jsonl", "training prompts")
         if context_length is not None:
             require(self, self.max_new_tokens < context_length, "max_new_tokens",
                     f"must be below the model's context length ({context_length})")

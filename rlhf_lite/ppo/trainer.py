@@ -23,7 +23,6 @@ import functools
 import json
 import math
 import random
-import shutil
 import sys
 import warnings
 from collections.abc import Sequence
@@ -40,15 +39,24 @@ from ..loading import OptimizerFactory, make_optimizer
 from ..models import AdapterStack
 from ..parallel import Workers
 from ..text import Prompt
-from ..utils import MetricsLog, Stopwatch, progress, seed_everything, stop_on_signals, write_json
+from ..utils import (
+    DivergedError,
+    MetricsLog,
+    Stopwatch,
+    progress,
+    seed_everything,
+    stop_on_signals,
+    write_json,
+)
 from . import core
-from .checkpoint import check_checkpoint, find_checkpoint, swap_in, trim_metrics, write_meta
+from .checkpoint import load_trainer, save_trainer, trim_metrics
 from .config import PPOConfig
 from .experience import Experience, make_experience, response_logits, response_values
+from .guard import Snapshot, nonfinite
 from .monitors import detect_collapse, repeated_trigram_fraction
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(DivergedError):
     """``cfg.max_nonfinite`` consecutive iterations skipped their update on NaN or inf; a checkpoint of the
     run (before any non-finite value reached the weights) was saved, and the message names it."""
 
@@ -179,6 +187,7 @@ class PPOTrainer:
         agg: dict[str, list[float]] = {}
         skipped = 0
         params = self.policy_params + self.critic_params
+        snapshot = Snapshot(params, (self.policy_opt, self.critic_opt))  # the last finite state (see guard.py)
         for epoch in range(cfg.ppo_epochs):
             for i, mb in enumerate(exp.minibatches(cfg.minibatch_size, self.rng)):
                 self.policy_opt.zero_grad(set_to_none=True)
@@ -199,6 +208,12 @@ class PPOTrainer:
                 if train_policy:
                     self.policy_opt.step()
                 self.critic_opt.step()
+                bad = nonfinite({"policy": self.policy_params, "critic": self.critic_params})
+                if bad:  # finite inputs, non-finite weights: roll the whole update back
+                    snapshot.restore()
+                    self.skip_step(f"{' and '.join(bad)} weights after the step of epoch {epoch}, minibatch {i} "
+                                   "(update rolled back)")
+                    return {"skipped_updates": cfg.ppo_epochs * (cfg.rollout_batch // cfg.minibatch_size)}
                 for k, v in stats.items():
                     agg.setdefault(k, []).append(v)
         return {**{k: float(np.mean(v)) for k, v in agg.items()}, "skipped_updates": skipped}
@@ -270,6 +285,9 @@ class PPOTrainer:
         if not resumed:
             self.baseline = self.gold_eval()  # the starting policy (SFT), same measurement as every stage
             log.log({"iteration": 0, **self.baseline})
+        for event in self.events:  # a resume's changed settings
+            log.log(event)
+        self.events.clear()
         aborted, self.stop_requested = False, False
 
         def request_stop(name: str) -> None:
@@ -312,8 +330,9 @@ class PPOTrainer:
             self.save_checkpoint(ckpt)  # skipped steps never touched the weights: a clean state
             raise NonFiniteError(
                 f"{self.nonfinite_streak} consecutive PPO iterations (up to {self.iteration}) skipped their update "
-                f"on non-finite values (last: {self.last_nonfinite}); checkpoint saved in {ckpt}; continue with "
-                f"`python -m rlhf_lite ppo --resume {self.out}` and the same settings")
+                f"on non-finite values (last: {self.last_nonfinite}); checkpoint saved in {ckpt}; continue with a "
+                f"safer setting, e.g. `python -m rlhf_lite ppo --resume {self.out} --policy-lr "
+                f"{self.cfg.policy_lr / 10:g}`")
         if self.cfg.checkpoint_every and self.iteration % self.cfg.checkpoint_every == 0:
             self.save_checkpoint(ckpt)
 
@@ -356,42 +375,14 @@ class PPOTrainer:
     # --- checkpoints ---
     def save_checkpoint(self, path: str | Path) -> None:
         """Adapters, optimizer states, running statistics, RNG states, the iteration and the log state, written
-        aside and swapped in (:func:`~rlhf_lite.ppo.checkpoint.swap_in`)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.stack.save_adapter("policy", tmp / "policy")
-        self.stack.save_adapter("critic", tmp / "critic")
-        torch.save({
-            "iteration": self.iteration, "policy_opt": self.policy_opt.state_dict(),
-            "critic_opt": self.critic_opt.state_dict(), "reward_moments": self.reward_moments.state_dict(),
-            "rng": self.rng.getstate(), "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "history": self.history, "samples": self.samples, "collapse": self.collapse, "baseline": self.baseline,
-            "nonfinite_streak": self.nonfinite_streak, "wall_seconds": self.timer(),
-        }, tmp / "trainer.pt")
-        write_meta(tmp, {"iteration": self.iteration, "preset": self.preset, "config": self.cfg.to_dict(),
-                         "provenance": self.setup.provenance})
-        swap_in(tmp, path)
+        aside and swapped in durably (:func:`~rlhf_lite.ppo.checkpoint.save_trainer`)."""
+        save_trainer(self, Path(path))
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore what :meth:`save_checkpoint` wrote, so that :meth:`train` continues the run exactly: on the
         CPU, the same metrics as a run that never stopped. The checkpoint's config must equal this trainer's
-        except ``iterations``, which may be raised to extend the run."""
-        check_checkpoint(path, self.cfg, self.setup.provenance or None)
-        found = find_checkpoint(path)
-        self.stack.load_adapter("policy", found / "policy")
-        self.stack.load_adapter("critic", found / "critic")
-        state = torch.load(found / "trainer.pt", map_location="cpu", weights_only=True)
-        self.policy_opt.load_state_dict(state["policy_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
-        self.reward_moments.load_state_dict(state["reward_moments"])
-        self.rng.setstate(state["rng"])
-        self.gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
-        self.iteration, self.history, self.samples = state["iteration"], state["history"], state["samples"]
-        self.collapse = tuple(state["collapse"]) if state["collapse"] else None
-        self.baseline, self.nonfinite_streak = state["baseline"], state["nonfinite_streak"]
-        self.timer.start -= state["wall_seconds"]  # wall_seconds keep counting from the first start
+        except the fields a resume may change (:func:`~rlhf_lite.ppo.checkpoint.load_trainer`)."""
+        load_trainer(self, Path(path))
 
 
 __all__ = ["NonFiniteError", "PPOSetup", "PPOTrainer", "backward"]
