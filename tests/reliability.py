@@ -18,11 +18,17 @@ from rlhf_lite.models import AdapterStack, build_tiny_model
 from rlhf_lite.provenance import rm_provenance
 from rlhf_lite.stage import model_fingerprint
 from rlhf_lite.tokenizer import load_tokenizer
-from tests.conftest import EOS, PAD, SMALL, SMALL_LORA
+from tests.conftest import EOS, PAD, SMALL, SMALL_LORA, randomize_adapters
 
 HANDLING = ("error", "warning", "recovery")
 """How a case is handled: a one-line error naming the culprit (before any model loads, unless the culprit is a
 loaded weight), a one-line warning naming the setting, or an exact recovery."""
+
+
+@pytest.fixture(autouse=True)
+def quiet_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No progress bars on stderr, where the one-line errors are read (import this fixture into a module)."""
+    monkeypatch.setenv("RLHF_LITE_PROGRESS", "0")
 
 
 def boom(*args, **kwargs):
@@ -86,12 +92,24 @@ def write_rm(folder: Path, sft: Path, data: Path, cfg, profile, seed: int = 0) -
     from rlhf_lite.utils import write_json
 
     tok = load_tokenizer(data / "tokenizer.json")
-    stack = AdapterStack(build_tiny_model(len(tok), PAD, EOS, SMALL, seed), ["reward"], SMALL_LORA)
+    stack = AdapterStack(build_tiny_model(len(tok), PAD, EOS, SMALL, 0), ["reward"], SMALL_LORA)
+    randomize_adapters(stack, seed + 1)  # another seed, another reward model
     stack.save_adapter("reward", folder / "reward")
     write_json(folder / "summary.json", {"stage": "rm", "provenance": rm_provenance(cfg, profile, sft / "model", data),
                                          "sft_model": model_fingerprint(sft / "model")})
     return folder
 
 
-__all__ = ["HANDLING", "boom", "cli_error", "copy_data", "edit_line", "no_models", "one_line", "small_world",
-           "write_rm", "write_sft"]
+__all__ = [
+    "HANDLING",
+    "boom",
+    "cli_error",
+    "copy_data",
+    "edit_line",
+    "no_models",
+    "one_line",
+    "quiet_progress",
+    "small_world",
+    "write_rm",
+    "write_sft",
+]

@@ -35,6 +35,7 @@ PIPELINE = ["--sft.batch-size", "8", "--sft.n-eval-prompts", "8", "--rm.batch-si
             "--ppo.rollout-batch", "8", "--ppo.minibatch-size", "4"]
 EARLIER = "\n\nHuman: hi there\n\nAssistant: hello , how can i help ?"
 LONG = " the zorb is blue ." * 30  # 150 world tokens
+from tests.reliability import quiet_progress  # noqa: F401 (autouse: no progress bars on stderr)
 
 
 def _set(key, value):

@@ -16,7 +16,15 @@ import pytest
 from rlhf_lite import cli
 from rlhf_lite.outdir import clear_out
 from rlhf_lite.ppo.config import VANILLA
-from tests.reliability import cli_error, copy_data, edit_line, no_models, one_line, small_world
+from tests.reliability import (
+    cli_error,
+    copy_data,
+    edit_line,
+    no_models,
+    one_line,
+    quiet_progress,  # noqa: F401 (autouse: no progress bars on stderr)
+    small_world,
+)
 
 
 def fake_run(folder: Path, kind: str) -> Path:

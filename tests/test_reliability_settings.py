@@ -17,7 +17,15 @@ from rlhf_lite import cli
 from rlhf_lite.profiles import TINY
 from rlhf_lite.sft import SFTConfig, lr_lambda
 from tests.conftest import SMALL, SMALL_LORA
-from tests.reliability import cli_error, no_models, one_line, small_world, write_rm, write_sft
+from tests.reliability import (
+    cli_error,
+    no_models,
+    one_line,
+    quiet_progress,  # noqa: F401 (autouse: no progress bars on stderr)
+    small_world,
+    write_rm,
+    write_sft,
+)
 
 SFT_BASE = ["--batch-size", "8", "--n-eval-prompts", "8"]
 RM_BASE = ["--batch-size", "8", "--n-fresh-prompts", "4", "--n-eval-pairs", "8"]
