@@ -150,3 +150,41 @@ def markdown_table(header: list[str], rows: list[list]):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return Markdown("\n".join(lines))
+
+
+GLOSSARY = "../docs/glossary.md"
+
+
+class Opening:
+    """A notebook's opening (what you will learn, what it costs, prerequisites), shown by :func:`opening`;
+    :meth:`close` (the recap's last cell) writes this execution's wall time into it."""
+
+    def __init__(self, text: str, handle) -> None:
+        from .utils import Stopwatch
+
+        self.text, self.handle, self.timer = text, handle, Stopwatch()
+
+    def close(self) -> float:
+        """Put the time since :func:`opening` into the opening; returns it in seconds."""
+        import torch
+        from IPython.display import Markdown
+
+        seconds, threads = self.timer(), torch.get_num_threads()
+        took = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+        note = (f"This execution took **{took}** with {threads} CPU thread{'s' if threads > 1 else ''} "
+                f"(machine load average {os.getloadavg()[0]:.1f} at its end).")
+        self.handle.update(Markdown(self.text.replace(_TIME_PLACEHOLDER, note)))
+        return seconds
+
+
+_TIME_PLACEHOLDER = "*(This execution's time appears here once the last cell has run.)*"
+
+
+def opening(learn: list[str], cost: str, prerequisites: str) -> Opening:
+    """Display a notebook's opening; the time of this execution is filled in by ``Opening.close()``."""
+    from IPython.display import Markdown, display
+
+    text = ("**What you will learn**\n\n" + "\n".join(f"* {item}" for item in learn)
+            + f"\n\n**What it costs**: {cost} {_TIME_PLACEHOLDER}\n\n**Prerequisites**: {prerequisites}\n\n"
+            f"Terms in bold are explained in the [glossary]({GLOSSARY}).")
+    return Opening(text, display(Markdown(text), display_id=True))

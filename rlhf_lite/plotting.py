@@ -108,10 +108,11 @@ PPO_PANELS = (
 
 
 def plot_ppo(run_dirs, out_path=None, labels=None, panels=PPO_PANELS, sft_gold: float | None = None, ncols: int = 3,
-             colors=None):
+             colors=None, length_cap: int | None = None):
     """The paper's monitors (Fig. 4 analogue) over iterations for one or more runs, collapse points marked.
 
     Run i has colour ``colors[i]`` (default ``C{i}``) in every panel, even where earlier runs lack a metric.
+    ``length_cap`` (the runs' ``max_new_tokens``) draws the cap on the response-length panel.
     """
     import json
 
@@ -132,10 +133,12 @@ def plot_ppo(run_dirs, out_path=None, labels=None, panels=PPO_PANELS, sft_gold: 
             if collapse is not None:
                 ax.axvline(collapse, color=color, ls=":", lw=1.2)
             ax.set(xlabel="PPO iteration", ylabel=ylabel, title=title)
-    if sft_gold is not None:
-        for ax, (key, *_rest) in zip(axes.flat, panels):
-            if key == "gold_score":
-                ax.axhline(sft_gold, color="k", ls="--", lw=1, label="SFT model")
+    for ax, (key, *_rest) in zip(axes.flat, panels):
+        if key == "gold_score" and sft_gold is not None:
+            ax.axhline(sft_gold, color="k", ls="--", lw=1, label="SFT model")
+        if key == "response_length" and length_cap is not None:
+            ax.axhline(length_cap, color="tab:red", ls="--", lw=1, label=f"cap ({length_cap} tokens)")
+            ax.legend(fontsize=7, loc="lower right")
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
@@ -145,15 +148,18 @@ def plot_ppo(run_dirs, out_path=None, labels=None, panels=PPO_PANELS, sft_gold: 
 
 def plot_overoptimization(run_dirs, out_path=None, labels=None):
     """Gold score and RM reward against KL(policy || reference) per sequence: the over-optimization
-    picture that only a gold judge allows (the RM keeps paying while the true quality turns down)."""
+    picture that only a gold judge allows (the RM keeps paying while the true quality turns down). The gold
+    curve starts at the starting policy's measurement (iteration 0) at KL = 0."""
     run_dirs = [Path(d) for d in run_dirs]
     labels = labels or [d.name for d in run_dirs]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for d, label in zip(run_dirs, labels):
-        rows = [r for r in read_metrics(d / "metrics.jsonl") if "kl_per_sequence" in r]
+        every = [r for r in read_metrics(d / "metrics.jsonl") if "event" not in r]
+        rows = [r for r in every if "kl_per_sequence" in r]
         kl = [r["kl_per_sequence"] for r in rows]
         line, = ax1.plot(kl, [r["reward"] for r in rows], ".", alpha=0.5, label=label)
-        gold = [(r["kl_per_sequence"], r["gold_score"]) for r in rows if r.get("gold_score") is not None]
+        start = [(0.0, r["gold_score"]) for r in every if r["iteration"] == 0 and r.get("gold_score") is not None]
+        gold = start + [(r["kl_per_sequence"], r["gold_score"]) for r in rows if r.get("gold_score") is not None]
         if gold:
             ax2.plot(*zip(*gold), "o-", color=line.get_color(), label=label)
     ax1.set(xlabel="KL(policy || reference) per response (nats)", ylabel="mean RM reward",
@@ -162,4 +168,77 @@ def plot_overoptimization(run_dirs, out_path=None, labels=None):
             title="The truth: gold score against KL")
     for ax in (ax1, ax2):
         ax.legend(fontsize=8)
+    return _finish(fig, out_path)
+
+
+# ----- results of multi-seed sweeps (rlhf_lite.results.Results) ---------------------------------------
+BAND_METRICS = {
+    "gold_score": ("gold score (test prompts)", "Gold score"),
+    "reward": ("mean RM reward", "RM reward"),
+    "kl_per_token": ("KL, nats/token", "KL from the reference"),
+    "response_length": ("tokens (EOS included)", "Response length"),
+    "finished_fraction": ("share ending with EOS", "Responses that end"),
+    "repetition_fraction": ("share with a repeated trigram", "Repetitive responses"),
+    "entropy": ("nats per token", "Policy entropy"),
+}
+
+
+def _band(ax, res, label: str, key: str, color, lw: float = 1.6, name: str | None = None) -> None:
+    x, mean, low, high = res.band(label, key)
+    ax.plot(x, mean, color=color, lw=lw, marker="o" if key == "gold_score" else None, ms=2.5, label=name or label)
+    ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
+
+
+def plot_bands(res, labels, metrics=("gold_score", "response_length", "kl_per_token"), baselines=(),
+               sft_gold: float | None = None, length_cap: int | None = None, title: str = "", out_path=None):
+    """Small multiples: one column per variant, one row per metric; each panel shows the variant's mean over
+    seeds with its 95 % t band, and the ``baselines`` (labels) as grey/black references with theirs."""
+    labels, n_seeds = list(labels), len(res.seeds)
+    fig, axes = plt.subplots(len(metrics), len(labels), figsize=(2.9 * len(labels), 2.3 * len(metrics)),
+                             squeeze=False, sharey="row")
+    base_colors = ("0.55", "0.15")
+    for j, label in enumerate(labels):
+        for i, key in enumerate(metrics):
+            ax = axes[i, j]
+            for b, c in zip(baselines, base_colors):
+                if b != label:
+                    _band(ax, res, b, key, c, lw=1.0)
+            _band(ax, res, label, key, f"C{j}")
+            if key == "gold_score" and sft_gold is not None:
+                ax.axhline(sft_gold, color="k", ls="--", lw=0.8, label="SFT model")
+            if key == "response_length" and length_cap is not None:
+                ax.axhline(length_cap, color="tab:red", ls="--", lw=0.8, label="cap")
+            ylabel, panel = BAND_METRICS.get(key, (key, key))
+            ax.set(title=f"{label}: {panel}" if i == 0 else panel, xlabel="PPO iteration" if i == len(metrics) - 1
+                   else "", ylabel=ylabel if j == 0 else "")
+            ax.title.set_fontsize(8)
+            if i == 0:
+                ax.legend(fontsize=6, loc="lower left")
+    fig.suptitle(f"{title} (mean of {n_seeds} seeds, band: 95 % t interval)", y=1.0)
+    return _finish(fig, out_path)
+
+
+def plot_frontier(res, labels, coefs, sft_gold: float, baseline: str | None = None, out_path=None):
+    """The over-optimization frontier of a KL-coefficient sweep: each run's gold score against its KL per
+    response over the run (thin lines, mean over seeds) and the final point with 95 % t intervals on both
+    axes; the SFT model at KL = 0."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (label, coef) in enumerate(zip(labels, coefs)):
+        color = f"C{i}"
+        x, gold = res.series(label, "gold_score")
+        sx, kl = res.series(label, "kl_per_sequence")
+        at = {int(it): k for it, k in zip(sx, kl.mean(axis=0))}
+        path = [(0.0 if it == 0 else at[int(it)], g) for it, g in zip(x, gold.mean(axis=0)) if it == 0 or int(it) in at]
+        ax1.plot(*zip(*path), "-", color=color, lw=1, alpha=0.8, label=f"eta = {coef}")
+        g, k = res.ci(label, "final.score"), res.ci(label, "final_kl_per_sequence")
+        ax2.errorbar([k.mean], [g.mean], xerr=[[k.mean - k.low], [k.high - k.mean]],
+                     yerr=[[g.mean - g.low], [g.high - g.mean]], fmt="o", color=color, capsize=3, label=f"eta = {coef}")
+    for ax in (ax1, ax2):
+        ax.plot([0], [sft_gold], "k*", ms=10, label="SFT model (KL = 0)")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set(xlabel="KL(policy || reference) per response, nats (symlog)", ylabel="gold score (test prompts)")
+        ax.legend(fontsize=7)
+    ax1.set_title("Gold against KL during each run (mean of seeds)")
+    ax2.set_title("Final gold against final KL (95 % t intervals)")
+    fig.suptitle("The over-optimization frontier of the KL coefficient" + (f" ({baseline})" if baseline else ""), y=1.02)
     return _finish(fig, out_path)

@@ -106,7 +106,7 @@ _PRETRAINED_RM = RMConfig(steps=100, batch_size=8, lr=1e-4, warmup_steps=10, lm_
 
 _PRETRAINED_PPO = PPOConfig(iterations=20, rollout_batch=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=128,
                             max_prompt_tokens=256, temperature=0.8, top_p=0.9, policy_lr=1e-5, critic_lr=5e-5,
-                            gold_every=5, sample_every=5, checkpoint_every=5)
+                            gold_every=5, gold_early_until=0, sample_every=5, checkpoint_every=5)
 
 SMOL = Profile(
     name="smol",

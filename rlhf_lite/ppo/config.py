@@ -126,6 +126,11 @@ class PPOConfig:
     # --- monitoring ---
     gold_every: int = 10
     """Iterations between gold-score measurements on the test prompts (the common measurement)."""
+    gold_every_early: int = 2
+    """Iterations between gold measurements up to ``gold_early_until``: early in a run, where vanilla PPO's
+    gold score peaks and turns (Fig. 4), it is measured more often."""
+    gold_early_until: int = 20
+    """Last iteration of the denser early gold schedule (0: none, only ``gold_every``)."""
     sample_every: int = 10
     """Iterations between sample tables in the log."""
     checkpoint_every: int = 20
@@ -144,7 +149,8 @@ class PPOConfig:
         check_common(self)
         self.collapse.validate(self.iterations)
         positive(self, "iterations", "rollout_batch", "minibatch_size", "ppo_epochs", "max_new_tokens", "gold_every",
-                 "sample_every", "policy_lr", "critic_lr", "clip_eps", "temperature")
+                 "gold_every_early", "sample_every", "policy_lr", "critic_lr", "clip_eps", "temperature")
+        require(self, self.gold_early_until >= 0, "gold_early_until", "must be >= 0 (0: no early schedule)")
         for name in ("reward_clip", "adv_norm_clip", "value_clip", "max_grad_norm", "kl_coef", "entropy_coef",
                      "ptx_coef", "max_prompt_tokens"):
             require(self, getattr(self, name) is None or getattr(self, name) > 0, name, "must be > 0 or None (off)")
@@ -163,6 +169,12 @@ class PPOConfig:
         if context_length is not None:
             require(self, self.max_new_tokens < context_length, "max_new_tokens",
                     f"must be below the model's context length ({context_length})")
+
+    def gold_due(self, iteration: int) -> bool:
+        """Whether the gold score is measured after ``iteration``: every ``gold_every`` iterations, every
+        ``gold_every_early`` up to ``gold_early_until``, and at the last iteration."""
+        early = iteration <= self.gold_early_until and iteration % self.gold_every_early == 0
+        return early or iteration % self.gold_every == 0 or iteration == self.iterations
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -217,7 +229,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _p("adv_norm_0.12", "vanilla", "Fig. 6: advantage whiten and clip, d = 0.12", adv_norm_clip=0.12),
     # Fig. 7: policy constraints, on top of vanilla PPO
     _p("kl_penalty", "vanilla", "Fig. 7: token-level KL penalty, eta = 0.2", kl_coef=0.2),
-    _p("entropy_bonus", "vanilla", "Fig. 7: entropy bonus |H - target|, coef 0.05", entropy_coef=0.05),
+    _p("entropy_bonus", "vanilla", "Fig. 7: entropy term |H - target|, coef 0.05, target 0.15 nats (below the SFT "
+       "policy's entropy of about 0.2, so a rise of the entropy is never paid for)", entropy_coef=0.05,
+       entropy_target=0.15),
+    _p("entropy_bonus_1.0", "vanilla", "Fig. 7: the entropy term with the default target of 1.0 nats, about five "
+       "times the SFT policy's entropy: an exploration bonus", entropy_coef=0.05),
     _p("importance_sampling", "vanilla", "Fig. 7: old policy fixed to the reference", old_policy="reference"),
     _p("kl_and_is", "vanilla", "Fig. 7: KL penalty plus importance sampling", kl_coef=0.2, old_policy="reference"),
     # Fig. 8: initialization, on top of PPO-max (policy from pretrained, critic from SFT) or vanilla
@@ -227,6 +243,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
        critic_init="sft"),
     _p("critic_pretrain", "vanilla", "Fig. 8: vanilla PPO plus critic pretraining (5 iterations)",
        critic_pretrain_iterations=5),
+    # Leave one out: PPO-max without one of its tricks (#4, the critic from the RM, is critic_from_sft)
+    _p("ppo_max_minus_kl", "ppo_max", "PPO-max without the KL penalty (#1)", kl_coef=None),
+    _p("ppo_max_minus_reward_norm", "ppo_max", "PPO-max without reward normalization and clipping (#2)",
+       reward_norm="none", reward_clip=None),
+    _p("ppo_max_minus_value_clip", "ppo_max", "PPO-max without value clipping (#3)", value_clip=None),
+    _p("ppo_max_minus_critic_pretrain", "ppo_max", "PPO-max without critic pretraining (#5)",
+       critic_pretrain_iterations=0),
+    _p("ppo_max_minus_grad_clip", "ppo_max", "PPO-max without global gradient clipping (#6)", max_grad_norm=None),
+    _p("ppo_max_minus_ptx", "ppo_max", "PPO-max without the ptx loss (#8)", ptx_coef=None),
 ]}
 
 

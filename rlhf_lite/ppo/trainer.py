@@ -246,7 +246,7 @@ class PPOTrainer:
                "policy_updated": train_policy, **stats}
         if gold:
             row["train_gold_score"] = float(np.mean(gold))
-        if self.iteration % cfg.gold_every == 0 or self.iteration == cfg.iterations:
+        if cfg.gold_due(self.iteration):
             row.update(self.gold_eval())
         if self.iteration % cfg.sample_every == 0 or self.iteration == 1:
             self.samples += [{"iteration": self.iteration, **s} for s in self._samples(prompts, texts, gold, exp)]
