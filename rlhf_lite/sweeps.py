@@ -210,6 +210,20 @@ def mismatches(run_dir: Path, stored: dict) -> list[str]:
         f"summary.{k}" for k in facts if here["summary"].get(k) != stored["summary"].get(k)]
 
 
+def write_results(path: Path, payload: dict) -> None:
+    """A results file: the header indented, then one compact line per run (small, and diffs by run)."""
+    import json
+
+    from .utils import _clean
+
+    payload = _clean(payload)
+    runs = payload.pop("runs")
+    head = json.dumps(payload, indent=1, sort_keys=True)[:-2]
+    lines = ",\n".join("  " + json.dumps(r, sort_keys=True, separators=(",", ":")) for r in runs)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(f"{head},\n \"runs\": [\n{lines}\n ]\n}}\n")
+
+
 def _fingerprints() -> dict:
     from .notebook import RUNS
     from .rm import REWARD
@@ -245,7 +259,7 @@ def run(name: str, out: Path | None = None, workers: int = 2, threads: int = 1) 
     for (v, s), ev in zip(runs, evals[1:]):
         stored.append({"label": v.label, "preset": v.preset, "group": v.group, "seed": s,
                        "config": sweep.config(v, s).to_dict(), **compact_run(sweep.run_dir(v, s)), "final": ev})
-    write_json(out, {
+    write_results(out, {
         "sweep": name, "description": sweep.description, "command": sweep.command, **_fingerprints(),
         "threads_per_run": threads, "workers": workers, "final_samples_per_prompt": FINAL_SAMPLES,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
