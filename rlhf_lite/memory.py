@@ -134,7 +134,7 @@ def estimate_memory(profile: Profile, dtype_bytes: int = 2, device_type: str = "
     adapters, the policy and critic gradients and optimizer states) is held throughout; the peak adds the
     largest of the three phases' transients. See docs/what_fits_where.md for the formula.
     """
-    from .loading import resolve_optimizer
+    from .loading import resolve_optimizer, resolve_quantization
 
     a, spec, p = profile.model.arch, profile.model, profile.ppo
     if a is None:
@@ -146,7 +146,7 @@ def estimate_memory(profile: Profile, dtype_bytes: int = 2, device_type: str = "
     lora = a.lora_params(profile.lora)
     opt = resolve_optimizer(spec.optimizer, device_type)
     opt_bytes = 8 if opt == "adam" else 2  # two states per parameter: fp32, or 8-bit
-    quantized = spec.quantization == "nf4"
+    quantized = resolve_quantization(spec, device_type) == "nf4"
 
     if quantized:
         linear = a.linear_params * (NF4_BYTES + DOUBLE_QUANT_BYTES)
