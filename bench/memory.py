@@ -5,7 +5,7 @@
 Both set-ups run the same iteration (docs/paper.md Sec. 2-3) on the same random-init Llama of about 0.5B
 parameters, with gradient checkpointing:
 
-  (a) ``AdapterStack`` on ``load_causal_lm(quantize_4bit=True)`` (NF4, double quantization) as our CPU path
+  (a) ``AdapterStack`` on ``load_causal_lm(quantization="nf4")`` (NF4, double quantization) as our CPU path
       runs it: fp32 compute (``pick_compute_dtype``), so its embeddings, LM head and activations are fp32,
       twice the bytes of (b)'s: the comparison is conservative. The policy, critic and reward model are LoRA
       adapters (+ heads); the reference is the base with the adapters off; torch Adam on policy and critic;
@@ -109,9 +109,10 @@ class OneBase:
     """(a): one 4-bit base, adapters policy/critic/reward, reference = adapters off."""
 
     def __init__(self, folder: Path) -> None:
-        from rlhf_lite.models import AdapterStack, LoraSettings, load_causal_lm
+        from rlhf_lite.loading import load_causal_lm
+        from rlhf_lite.models import AdapterStack, LoraSettings
 
-        base = load_causal_lm(folder, quantize_4bit=True, compute_dtype=torch.float32)
+        base = load_causal_lm(folder, quantization="nf4", dtype=torch.float32)
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.stack = AdapterStack(base, ["policy", "critic", "reward"], LoraSettings())
         self.stack.copy_adapter("reward", "critic")  # PPO-max #4 (both fresh here; the copy is the cost)
@@ -214,7 +215,7 @@ def ppo_max_iteration(m: OneBase | FourModels, vocab: int, meter: Meter, seed: i
         old_values = values("critic", ids, att)[:, PROMPT - 1: -1]
         scores = values("reward", ids, att)[:, -1]
         # phase 3-4: PPO-max reward normalization, KL-shaped rewards, GAE
-        used = core.normalize_and_clip_rewards(scores, core.RunningMoments(), 0.8)
+        used = core.normalize_rewards(scores, core.RunningMoments(), "normalize", 0.8)
         rewards = core.shape_rewards(used, core.kl_k1(old_logp, ref_logp) * mask, mask, 0.2)
         adv, ret = core.compute_gae(rewards, old_values, mask, 1.0, 0.95)
         meter.mark("scoring")
@@ -297,20 +298,23 @@ def save_model(folder: Path) -> int:
 
 
 def estimate_for_bench() -> dict:
-    """The analytic estimate (rlhf_lite.profiles.estimate_memory) of set-up (a) at the bench's sizes (fp32)."""
+    """The analytic estimate (rlhf_lite.memory.estimate_memory) of set-up (a) at the bench's sizes (fp32)."""
+    from rlhf_lite.loading import ModelSpec
+    from rlhf_lite.memory import ModelArch, estimate_memory
     from rlhf_lite.models import LoraSettings
-    from rlhf_lite.profiles import GPUProfile, ModelArch
+    from rlhf_lite.ppo.config import PPOConfig
+    from rlhf_lite.profiles import Profile
 
     arch = ModelArch(hidden_size=ARCH["hidden_size"], num_layers=ARCH["num_hidden_layers"],
                      intermediate_size=ARCH["intermediate_size"], num_heads=ARCH["num_attention_heads"],
                      num_kv_heads=ARCH["num_key_value_heads"], vocab_size=ARCH["vocab_size"],
                      tie_embeddings=ARCH["tie_word_embeddings"])
-    prof = GPUProfile(name="bench_0.5b", model_name="-", arch=arch, max_params=1e9, lora=LoraSettings(),
-                      optimizer="adam", max_prompt_tokens=PROMPT, max_new_tokens=NEW, max_len=PTX,
-                      rollout_batch=ROLLOUT, minibatch_size=MINIBATCH)
-    from rlhf_lite.profiles import estimate_memory
-
-    return estimate_memory(prof, dtype_bytes=4, device_type="cpu")
+    spec = ModelSpec(source="bench_0.5b", quantization="nf4", gradient_checkpointing=True, optimizer="adam",
+                     max_params=1e9, arch=arch)
+    ppo = PPOConfig(rollout_batch=ROLLOUT, minibatch_size=MINIBATCH, max_new_tokens=NEW, max_prompt_tokens=PROMPT)
+    prof = Profile(name="bench_0.5b", description="bench/memory.py set-up (a)", model=spec, lora=LoraSettings(),
+                   ppo=ppo)
+    return estimate_memory(prof, dtype_bytes=4, device_type="cpu", ptx_tokens=PTX)
 
 
 def main() -> None:
@@ -349,10 +353,10 @@ def main() -> None:
     how = "VmHWM reset after loading" if a["peak_is_iteration_only"] else "ru_maxrss incl. loading (no reset)"
     print(f"(peak RSS minus RSS after imports; {how}; baseline {a['baseline_rss_mib']:.0f} MiB)")
 
-    from rlhf_lite.profiles import GIB, format_estimate
+    from rlhf_lite.memory import GIB, format_estimate
 
     est = estimate_for_bench()
-    print("\nanalytic estimate of (a) at these sizes (rlhf_lite.profiles.estimate_memory, fp32 compute, CPU):")
+    print("\nanalytic estimate of (a) at these sizes (rlhf_lite.memory.estimate_memory, fp32 compute, CPU):")
     print(format_estimate(est))
     print(f"estimate {est['total'] * GIB / MIB:.0f} MiB vs measured {a['iteration_peak_mib']:.0f} MiB "
           f"({est['total'] * GIB / MIB / a['iteration_peak_mib']:.2f}x)")

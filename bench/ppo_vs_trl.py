@@ -1,8 +1,10 @@
-"""PPO throughput and peak memory: rlhf_lite's ``PPOTrainer`` against TRL's PPO trainer, same tiny config.
+"""PPO throughput and peak memory: rlhf_lite's ``PPOTrainer`` against TRL's PPO trainer, same config.
 
     .venv/bin/pip install -r requirements-bench.txt -c requirements.txt   # once: trl==1.12.0, datasets
-    .venv/bin/python bench/ppo_vs_trl.py                # about 2.5 minutes on an idle 2-core CPU
-    .venv/bin/python bench/ppo_vs_trl.py --trl-peft     # TRL's policy as a LoRA adapter instead
+    .venv/bin/python bench/ppo_vs_trl.py --reps 5                # tiny model; ~4 minutes, idle 2-core CPU
+    .venv/bin/python bench/ppo_vs_trl.py --trl-peft              # TRL's policy as a LoRA adapter instead
+    .venv/bin/python bench/ppo_vs_trl.py --model smol --reps 3   # SmolLM2-135M-Instruct, fp32, LoRA policy
+    .venv/bin/python bench/ppo_vs_trl.py --overlap --reps 5      # rlhf_lite workers=2 vs workers=1
 
 TRL is a benchmark-only dependency (requirements-bench.txt); trl 1.12.0 is the last release with a PPO
 trainer (``trl.experimental.ppo``). The install above leaves every pin of requirements.txt as it is.
@@ -19,7 +21,7 @@ the reported figure is the median over repetitions.
 * rlhf_lite: ``PPOTrainer(cfg, PPOSetup(...), out_dir).step()`` as the training loop calls it; timed
   from before the first timed ``step()`` to after the last. Its design: one base model with LoRA
   adapters policy, critic and reward (and value/score heads), the reference = adapters disabled.
-  ``PPOSetup.gold_fn=None`` (no gold judge in the timed work), ``gold_every``/``sample_every`` huge
+  ``PPOSetup.judge=None`` (no gold judge in the timed work), ``gold_every``/``sample_every`` huge
   and no checkpoints, so no evaluation runs inside the timed iterations.
 * TRL: ``trl.experimental.ppo.PPOTrainer(...).train()`` for ``warmup + iters`` iterations
   (``total_episodes = rollout_batch * (warmup + iters)``), timed by a ``TrainerCallback`` between the
@@ -29,6 +31,17 @@ the reported figure is the median over repetitions.
   policy and value model fully fine-tuned. With ``--trl-peft`` the policy is instead a LoRA adapter
   (``peft_config``, the same LoRA settings) and ``ref_model=None`` (TRL disables the adapter for the
   reference); TRL keeps the value model fully fine-tuned and the reward model a separate model either way.
+
+``--model smol``: the same comparison at real scale, on SmolLM2-135M-Instruct (fetched into the cache as
+the smol profile does, :func:`rlhf_lite.fetch.fetch_model`): fp32 on both sides, the prompts in its chat
+template with an empty system message (as the smol profile sends them), and a LoRA policy on both sides
+(``--trl-peft`` is implied: TRL's value model is then a fully trained ``AutoModelForSequenceClassification``
+of the same checkpoint with a fresh score head, its reward model another). Defaults: rollout_batch 16,
+minibatch 8, 2 timed iterations, 3 sampling repetitions (``MODEL_DEFAULTS``). The never-EOS trick works
+the same way: the added token gets id 49152, outside SmolLM2's 49,152-token vocabulary.
+
+``--overlap`` measures one design choice of rlhf_lite instead: ``PPOTrainer(workers=2)`` (policy and critic
+minibatch steps in two threads) against ``workers=1``, alternating, median and range of ``--reps`` each.
 
 Matched on both sides:
 
@@ -144,16 +157,20 @@ FRAMEWORKS = ("rlhf_lite", "trl")
 
 # (flag, type, default, help): the settings the driver hands to every worker.
 CONFIG_OPTIONS: list[tuple[str, type, Any, str]] = [
-    ("--rollout-batch", int, 64, "prompts per PPO iteration (TRL: per_device_train_batch_size)"),
-    ("--minibatch-size", int, 32, "rollouts per optimizer step (TRL: num_mini_batches = batch / this)"),
+    ("--model", str, "tiny", ("tiny (rlhf_lite's tiny Llama, random init) or smol (SmolLM2-135M-Instruct, "
+                              "fetched into the cache like the smol profile's)")),
+    ("--rollout-batch", int, None, "prompts per PPO iteration (TRL: per_device_train_batch_size)"),
+    ("--minibatch-size", int, None, "rollouts per optimizer step (TRL: num_mini_batches = batch / this)"),
     ("--ppo-epochs", int, 2, "passes over each buffer (TRL: num_ppo_epochs)"),
     ("--max-new-tokens", int, 24, "new tokens of every response (TRL: response_length)"),
     ("--warmup", int, 1, "untimed PPO iterations at the start of each worker (at least 1)"),
-    ("--iters", int, 4, "timed PPO iterations per worker"),
+    ("--iters", int, None, "timed PPO iterations per worker"),
     ("--threads", int, 2, "torch.set_num_threads and OMP/MKL_NUM_THREADS of every worker"),
+    ("--workers", int, None, ("threads of rlhf_lite's policy/critic minibatch steps (PPOTrainer(workers=); "
+                              "default: the trainer's own choice)")),
     ("--kl-coef", float, 0.05, "KL penalty coefficient (TRL's default; rlhf_lite's kl_coef)"),
     ("--seed", int, 0, "seed of the prompt sample, model init and sampling"),
-    ("--gen-reps", int, 10, "timed calls of each sampler in the sampling comparison"),
+    ("--gen-reps", int, None, "timed calls of each sampler in the sampling comparison"),
     ("--hidden-size", int, None, "model width (default: rlhf_lite's TinyModelConfig)"),
     ("--layers", int, None, "decoder blocks (default: TinyModelConfig)"),
     ("--heads", int, None, "attention heads (default: TinyModelConfig)"),
@@ -161,6 +178,14 @@ CONFIG_OPTIONS: list[tuple[str, type, Any, str]] = [
     ("--lora-r", int, None, "LoRA rank (default: rlhf_lite's LoraSettings)"),
     ("--lora-alpha", int, None, "LoRA alpha (default: LoraSettings)"),
 ]
+
+
+MODEL_DEFAULTS: dict[str, dict[str, int]] = {
+    # tiny: the tiny profile's PPO batch; smol: the smol profile's (one iteration takes tens of seconds)
+    "tiny": {"rollout_batch": 64, "minibatch_size": 32, "iters": 4, "gen_reps": 10},
+    "smol": {"rollout_batch": 16, "minibatch_size": 8, "iters": 2, "gen_reps": 3},
+}
+"""Defaults of the options left unset, per ``--model``."""
 
 
 # ----- memory readings (worker side) ----------------------------------------------------------------
@@ -193,52 +218,92 @@ class World:
 
     tokenizer: PreTrainedTokenizerFast
     vocab_size: int  # the model's vocabulary: the tokenizer's before NO_EOS_TOKEN was added
-    model_eos_id: int  # the world's <eos>, kept in the model config
-    prompts: list[str]
+    model_eos_id: int  # the model's own EOS (the world's <eos>, SmolLM2's <|im_end|>), kept in its config
+    prompts: list[str]  # raw HH prompts
+    texts: list[str]  # what the model is given: the HH text (tiny) or its chat template (smol)
     prompt_len: int  # P: the longest prompt in tokens = the left-padded prompt length of every batch
     model_cfg: TinyModelConfig
     lora: LoraSettings
+    folder: Path | None = None  # the pretrained model's folder (smol); None: the tiny model from a config
+
+    @property
+    def context(self) -> int:
+        return 8192 if self.folder is not None else self.model_cfg.max_positions
 
     def describe(self) -> dict[str, Any]:
         """The matched settings, for the summary's ``config``."""
-        lengths = [len(ids) for ids in self.tokenizer(self.prompts, add_special_tokens=False)["input_ids"]]
+        lengths = [len(ids) for ids in self.tokenizer(self.texts, add_special_tokens=False)["input_ids"]]
+        model = asdict(self.model_cfg) if self.folder is None else {"folder": str(self.folder)}
         return {"vocab_size": self.vocab_size, "prompt_tokens_padded": self.prompt_len,
                 "prompt_tokens_min": min(lengths), "prompt_tokens_mean": statistics.mean(lengths),
-                "model": asdict(self.model_cfg),
-                "lora": {**asdict(self.lora), "target_modules": list(self.lora.target_modules)}}
+                "model": model, "lora": {**asdict(self.lora), "target_modules": list(self.lora.target_modules)}}
 
 
 def build_world(args: argparse.Namespace) -> World:
     """Tokenizer whose EOS can never be sampled, the prompt sample, and the model and LoRA settings."""
     from rlhf_lite.data import load_prompts
     from rlhf_lite.models import LoraSettings, TinyModelConfig
-    from rlhf_lite.tokenizer import load_tokenizer
+    from rlhf_lite.text import model_prompt
 
-    tok = load_tokenizer(DATA / "tokenizer.json")
+    folder = None
+    if args.model == "smol":
+        from rlhf_lite.fetch import fetch_model
+        from rlhf_lite.loading import load_tokenizer_for
+
+        folder = fetch_model("smollm2")
+        tok = load_tokenizer_for(folder)
+    else:
+        from rlhf_lite.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(DATA / "tokenizer.json")
+    rows = load_prompts(DATA / "prompts_train.jsonl")
+    prompts = random.Random(args.seed).sample([r["prompt"] for r in rows], args.rollout_batch)
+    texts = [model_prompt(tok, p, system_prompt=False) for p in prompts]  # the smol profile's prompt format
     vocab, eos = len(tok), tok.eos_token_id
     tok.add_special_tokens({"eos_token": NO_EOS_TOKEN})
     if tok.eos_token_id < vocab:
         raise RuntimeError(f"{NO_EOS_TOKEN} got id {tok.eos_token_id}, inside the model's vocabulary")
-    rows = load_prompts(DATA / "prompts_train.jsonl")
-    prompts = random.Random(args.seed).sample([r["prompt"] for r in rows], args.rollout_batch)
-    prompt_len = max(len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"])
+    prompt_len = max(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
     model_changes = {"hidden_size": args.hidden_size, "num_layers": args.layers, "num_heads": args.heads,
                      "intermediate_size": args.intermediate_size}
     model_cfg = replace(TinyModelConfig(), **{k: v for k, v in model_changes.items() if v is not None})
     lora_changes = {"r": args.lora_r, "alpha": args.lora_alpha}
     lora = replace(LoraSettings(), **{k: v for k, v in lora_changes.items() if v is not None})
-    if prompt_len + args.max_new_tokens > model_cfg.max_positions:
+    world = World(tok, vocab, eos, prompts, texts, prompt_len, model_cfg, lora, folder)
+    if prompt_len + args.max_new_tokens > world.context:
         raise ValueError(f"prompt ({prompt_len}) + response ({args.max_new_tokens}) tokens exceed the "
-                         f"model's context ({model_cfg.max_positions})")
-    return World(tok, vocab, eos, prompts, prompt_len, model_cfg, lora)
+                         f"model's context ({world.context})")
+    return world
 
 
 def build_base(world: World, seed: int) -> LlamaForCausalLM:
-    """rlhf_lite's tiny Llama (random init, no download): the base of every model on both sides."""
+    """The causal LM every model of both sides starts from: rlhf_lite's tiny Llama (random init, no download)
+    or SmolLM2-135M-Instruct in fp32 (its pretrained weights; ``seed`` then plays no part)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from rlhf_lite.models import build_tiny_model
 
+    if world.folder is not None:
+        return AutoModelForCausalLM.from_pretrained(world.folder, dtype=torch.float32)
     return build_tiny_model(world.vocab_size, world.tokenizer.pad_token_id, world.model_eos_id,
                             world.model_cfg, seed)
+
+
+def build_scalar_model(world: World, seed: int) -> Any:
+    """A backbone with a fresh one-output score head (TRL's value and reward models), seeded."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    if world.folder is not None:
+        return AutoModelForSequenceClassification.from_pretrained(world.folder, num_labels=1, dtype=torch.float32)
+    head_cfg = copy.deepcopy(build_base(world, seed).config)
+    head_cfg.num_labels = 1
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(head_cfg)
 
 
 def count_params(modules: list[Any], optimizers: list[Any]) -> tuple[int, int]:
@@ -271,19 +336,21 @@ def run_rlhf_lite(args: argparse.Namespace, world: World) -> dict[str, Any]:
     from rlhf_lite.models import AdapterStack
     from rlhf_lite.ppo.config import PPOConfig
     from rlhf_lite.ppo.trainer import PPOSetup, PPOTrainer
+    from rlhf_lite.text import Prompt
 
     stack = AdapterStack(build_base(world, args.seed), ["policy", "critic", "reward"], world.lora)
-    setup = PPOSetup(stack, world.tokenizer, world.prompts, world.prompts, gold_fn=None)
+    prompts = [Prompt(raw, text) for raw, text in zip(world.prompts, world.texts)]
+    setup = PPOSetup(stack, world.tokenizer, prompts, prompts, judge=None)  # no gold judge in the timed work
     cfg = replace(PPOConfig(), iterations=args.warmup + args.iters, rollout_batch=args.rollout_batch,
                   minibatch_size=args.minibatch_size, ppo_epochs=args.ppo_epochs,
                   max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, kl_coef=args.kl_coef,
                   value_clip=0.2, clip_eps=0.2, gamma=1.0, lam=0.95, gold_every=NEVER, sample_every=NEVER,
                   checkpoint_every=0, seed=args.seed)
-    cfg.validate(context_length=world.model_cfg.max_positions)
+    cfg.validate(context_length=world.context)
     rows: list[dict[str, Any]] = []
     ends: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench_rlhf_lite_") as out:
-        trainer = PPOTrainer(cfg, setup, out, preset="bench")
+        trainer = PPOTrainer(cfg, setup, out, preset="bench", workers=args.workers)
         for _ in range(cfg.iterations):
             rows.append(trainer.step())
             ends.append(time.perf_counter())
@@ -302,12 +369,10 @@ def run_rlhf_lite(args: argparse.Namespace, world: World) -> dict[str, Any]:
 
 def run_trl(args: argparse.Namespace, world: World) -> dict[str, Any]:
     """TRL's ``PPOTrainer.train()`` over warm-up + timed iterations, timed per iteration by a callback."""
-    import copy
 
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForSequenceClassification, TrainerCallback
+    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
@@ -322,18 +387,14 @@ def run_trl(args: argparse.Namespace, world: World) -> dict[str, Any]:
 
     policy = build_base(world, args.seed)
     ref = None if args.trl_peft else build_base(world, args.seed)
-    head_cfg = copy.deepcopy(policy.config)
-    head_cfg.num_labels = 1
-    torch.manual_seed(args.seed + 1)
-    value = AutoModelForSequenceClassification.from_config(head_cfg)
-    torch.manual_seed(args.seed + 2)
-    reward = AutoModelForSequenceClassification.from_config(head_cfg)
+    value = build_scalar_model(world, args.seed + 1)
+    reward = build_scalar_model(world, args.seed + 2)
     peft_config = None
     if args.trl_peft:
         lora = world.lora
         peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                                  target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-    token_ids = world.tokenizer(world.prompts, add_special_tokens=False)["input_ids"]
+    token_ids = world.tokenizer(world.texts, add_special_tokens=False)["input_ids"]
     prompts = Dataset.from_dict({"input_ids": token_ids})
     widths: list[int] = []  # sequence lengths the value model's backbone sees: all must be P + N
 
@@ -405,7 +466,7 @@ def time_samplers(args: argparse.Namespace, world: World, model: Any) -> dict[st
     from rlhf_lite.generation import encode_prompts, sample
 
     tok, n = world.tokenizer, args.max_new_tokens
-    ids, att = encode_prompts(tok, world.prompts)
+    ids, att = encode_prompts(tok, world.texts)
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     plain = {"do_sample": True, "max_new_tokens": n, "min_new_tokens": n, "temperature": 1.0, "top_k": 0,
@@ -568,6 +629,7 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], s
             "gamma": 1.0, "lam": 0.95, "warmup_iterations": args.warmup, "timed_iterations": args.iters,
             "reps": args.reps, "gen_reps": args.gen_reps, "seed": args.seed, "threads": args.threads,
             "dtype": "float32", "gradient_checkpointing": False, "prompts": "data/prompts_train.jsonl",
+            "model_kind": args.model, "rlhf_lite_workers": args.workers,
             **first["rlhf_lite"]["world"],
         },
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": first["rlhf_lite"]["threads"],
@@ -628,23 +690,67 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, kind, default, help_text in CONFIG_OPTIONS:
         p.add_argument(flag, type=kind, default=default, help=help_text)
     p.add_argument("--reps", type=int, default=3, help="repetitions of each framework (alternating)")
-    p.add_argument("--trl-peft", action="store_true", help="TRL's policy as a LoRA adapter (ref_model=None)")
+    p.add_argument("--trl-peft", action="store_true", help="TRL's policy as a LoRA adapter (ref_model=None); "
+                   "always on with --model smol")
+    p.add_argument("--overlap", action="store_true", help="instead of TRL: rlhf_lite with workers=2 against "
+                   "workers=1 (the policy/critic thread overlap), alternating, --reps of each")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds one worker may take")
     p.add_argument("--json-out", default=None, help="also write the summary JSON here (under /tmp or runs/)")
     p.add_argument("--worker", choices=WORKERS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.model not in MODEL_DEFAULTS:
+        p.error(f"--model must be one of {', '.join(MODEL_DEFAULTS)}, not {args.model!r}")
+    for key, value in MODEL_DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.trl_peft = args.trl_peft or args.model == "smol"  # a LoRA policy on both sides at real scale
     if min(args.warmup, args.iters, args.reps, args.gen_reps) < 1:
         p.error("--warmup, --iters, --reps and --gen-reps must be at least 1")
     if args.rollout_batch % args.minibatch_size:
         p.error(f"--rollout-batch ({args.rollout_batch}) must be a multiple of --minibatch-size "
                 f"({args.minibatch_size})")
+    if args.overlap and args.workers is not None:
+        p.error("--overlap sets rlhf_lite's workers itself (2 and 1); drop --workers")
     return args
+
+
+def overlap_main(args: argparse.Namespace) -> dict[str, Any]:
+    """rlhf_lite alone, ``workers=2`` against ``workers=1`` (alternating): what the thread overlap buys."""
+    print(f"rlhf_lite policy/critic thread overlap: workers 2 vs 1, {args.reps} repetition(s) of each, "
+          f"alternating; {args.model} model, rollout_batch {args.rollout_batch}, minibatch {args.minibatch_size}, "
+          f"{args.ppo_epochs} epochs, {args.max_new_tokens} new tokens; {args.threads} thread(s)", flush=True)
+    busy = {"before": check_idle("before the start")}
+    sps: dict[int, list[float]] = {2: [], 1: []}
+    for rep in range(1, args.reps + 1):
+        for workers in (2, 1) if rep % 2 else (1, 2):  # alternate which goes first
+            r = run_worker("rlhf_lite", replace_ns(args, workers=workers))
+            sps[workers].append(r["samples_per_s"])
+            print(f"  rep {rep}/{args.reps} workers={workers} {r['samples_per_s']:7.2f} samples/s", flush=True)
+    busy["after"] = check_idle("after the last worker")
+    med = {w: statistics.median(v) for w, v in sps.items()}
+    out = {"workers2_samples_per_s": med[2], "workers1_samples_per_s": med[1], "overlap_gain": med[2] / med[1],
+           "workers2_range": [min(sps[2]), max(sps[2])], "workers1_range": [min(sps[1]), max(sps[1])],
+           "reps": sps, "model": args.model, "cpu_busy": busy}
+    print(f"workers=2 median {med[2]:.2f} samples/s (range {min(sps[2]):.2f}-{max(sps[2]):.2f}); workers=1 "
+          f"median {med[1]:.2f} (range {min(sps[1]):.2f}-{max(sps[1]):.2f}); gain {out['overlap_gain']:.2f}x")
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out))
+    return out
+
+
+def replace_ns(args: argparse.Namespace, **changes: Any) -> argparse.Namespace:
+    """A copy of ``args`` with ``changes``."""
+    return argparse.Namespace(**{**vars(args), **changes})
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         worker_main(args)
+    elif args.overlap:
+        overlap_main(args)
     else:
         driver_main(args)
 
