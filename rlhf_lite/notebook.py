@@ -131,6 +131,45 @@ def ppo_dir(preset: str, seed: int = 0) -> Path:
     return RUNS / "ppo" / f"{preset}_seed{seed}"
 
 
+RESULT_FILES = ("*.json", "*.jsonl", "*.md", "*.png", "*.npz")
+"""What :func:`publish_run` copies: summaries, metrics, samples, probe rows, RM test scores, reports, plots."""
+WEIGHT_FOLDERS = frozenset({"model", "pretrained", "sft_adapter", "reward", "policy", "critic", "checkpoint"})
+"""Sub-folders of a run that hold weights (never copied into the repository)."""
+
+
+def publish_run(run: str | Path, dest: str | Path) -> list[Path]:
+    """Copy the small files of a pipeline run (``RESULT_FILES``, outside ``WEIGHT_FOLDERS``) to ``dest``,
+    keeping the layout, so that notebooks and plots read ``dest`` as they read the run. Returns the copies.
+
+    Absolute paths in the text files (provenance records) become portable: the repository root becomes
+    ``.``, the model cache ``~/.cache/rlhf_lite`` (see :mod:`rlhf_lite.fetch`).
+    """
+    import shutil
+
+    from .fetch import cache_dir
+
+    run, dest = Path(run), Path(dest)
+    portable = [(str(REPO_ROOT.resolve()) + "/", ""), (str(REPO_ROOT.resolve()), "."),
+                (str(cache_dir().resolve()), "~/.cache/rlhf_lite")]
+    copied = []
+    for pattern in RESULT_FILES:
+        for src in sorted(run.rglob(pattern)):
+            rel = src.relative_to(run)
+            if WEIGHT_FOLDERS.intersection(rel.parts[:-1]):
+                continue
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if src.suffix in (".png", ".npz"):
+                shutil.copy2(src, target)
+            else:
+                text = src.read_text()
+                for old, new in portable:
+                    text = text.replace(old, new)
+                target.write_text(text)
+            copied.append(target)
+    return copied
+
+
 def samples_table(rows: list[dict], columns: tuple[str, ...] = ("prompt", "response", "gold")):
     """An HTML table of sample dicts (what the notebooks show instead of printed walls of text)."""
     from IPython.display import HTML

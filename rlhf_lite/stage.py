@@ -32,13 +32,18 @@ def gold_judge_for(data_dir: str | Path) -> GoldJudge | None:
 
 
 def raw_prompts(data_dir: str | Path, split: str, limit: int | None = None) -> list[str]:
-    """The HH prompts of ``prompts_{split}.jsonl`` (the first ``limit``)."""
+    """The HH prompts of ``prompts_{split}.jsonl``; with ``limit``, that many spread evenly over the file (the
+    world's test prompts are grouped by category, so the first ``limit`` would all be of one kind)."""
     rows = data_mod.load_prompts(Path(data_dir) / f"prompts_{split}.jsonl")
-    return [r["prompt"] for r in rows][:limit]
+    prompts = [r["prompt"] for r in rows]
+    if limit is None or limit >= len(prompts):
+        return prompts
+    return [prompts[i * len(prompts) // limit] for i in range(limit)]
 
 
 def eval_prompts(tokenizer, data_dir: str | Path, n: int, system_prompt: bool = True) -> list[Prompt]:
-    """The first ``n`` test prompts, formatted for the model: the prompts of every gold measurement."""
+    """``n`` test prompts spread over the file (all of them for ``n`` >= 256), formatted for the model: the
+    prompts of every gold measurement."""
     return format_prompts(tokenizer, raw_prompts(data_dir, "test", n), system_prompt=system_prompt)[0]
 
 

@@ -46,6 +46,17 @@ def stack() -> AdapterStack:
 
 
 @pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A small world data folder (64 demonstrations, 128 + 32 preference pairs, 32 + 16 prompts)."""
+    from rlhf_lite.world import WorldSizes, generate_world
+
+    out = tmp_path_factory.mktemp("small_world")
+    generate_world(out, seed=0, sizes=WorldSizes(sft=64, prefs_train=128, prefs_test=32, prompts_train=32,
+                                                  prompts_test=16))
+    return out
+
+
+@pytest.fixture(scope="session")
 def world_tok():
     """The world's word-level tokenizer (data/tokenizer.json)."""
     from rlhf_lite.tokenizer import load_tokenizer

@@ -300,16 +300,6 @@ def test_pipeline_on_a_4bit_model_folder_writes_every_artifact(chat_model, small
     PeftModel.from_pretrained(base, str(out / "ppo_max" / "policy"))
 
 
-@pytest.fixture(scope="module")
-def small_world(tmp_path_factory) -> Path:
-    from rlhf_lite.world import WorldSizes, generate_world
-
-    out = tmp_path_factory.mktemp("small_world")
-    generate_world(out, seed=0, sizes=WorldSizes(sft=64, prefs_train=128, prefs_test=32, prompts_train=32,
-                                                  prompts_test=16))
-    return out
-
-
 def test_ppo_help_lists_every_config_field(capsys) -> None:
     from dataclasses import fields
 
