@@ -34,6 +34,7 @@ _WORDS: tuple[tuple[str, str], ...] = (
     (r"\bain't\b", "is not"), (r"n't\b", " not"), (r"\bi'm\b", "i am"), (r"\blet's\b", "let us"),
     (r"\b(it|that|what|here|there|he|she|who|where|this)'s\b", r"\1 is"), (r"'re\b", " are"),
     (r"'ve\b", " have"), (r"'ll\b", " will"), (r"'d\b", " would"), (r"'s\b", ""),  # "zorb's" -> "zorb"
+    (r"\b(?:am|are|is)\s+(?:unable|not\s+able)\s+to\b", "can not"),  # "i am unable to assist" -> "i can not assist"
     (r"\b(?:is )?equal to\b|\bequals(?: to)?\b", "is"),
     (r"\bis:(?=\s|$)", "is"),                     # "the answer is: 11" (world text never attaches a ":")
     (r"(?<=\d),\s*(?:and\s+)?(?=\d)", " "),       # counting lists: "3, 4, 5, and 6" -> "3 4 5 6"
@@ -89,7 +90,8 @@ def normalize_response(text: str) -> str:
 
     Lower-cases; splits ".", ",", "?", "!", ":", ";" off words ("!", ";" and "..." become "."); expands
     contractions ("can't" / "cannot" -> "can not", "won't" -> "will not", "i'm" -> "i am", "it's" ->
-    "it is", "don't" -> "do not"; a possessive "'s" is dropped); reads arithmetic ("+" -> "plus", "-" or
+    "it is", "don't" -> "do not"; a possessive "'s" is dropped), "am unable to" / "am not able to" -> "can
+    not"; reads arithmetic ("+" -> "plus", "-" or
     "−" between numbers -> "minus", "=", "equals", "is equal to", "is:" -> "is", "*" / "×" between numbers ->
     "times"); drops markdown marks, list bullets, brackets and quotes, and the commas (and a final "and")
     of number lists; collapses whitespace and newlines. The result has single spaces and a leading one,
