@@ -9,7 +9,7 @@ synthetic world's, :func:`rlhf_lite.stage.world_judge`); data without one (HH-RL
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -57,6 +57,7 @@ class GoldEval:
     lengths: list[int]  # response tokens, EOS included
     judge: GoldJudge
     samples_per_prompt: int = 1  # the prompts are repeated this many times in a row
+    rollouts: list[Rollout] = field(default_factory=list)  # the sampled batches (tokens, masks, log-probs), in order
 
     def per_prompt_scores(self) -> list[float]:
         """The mean gold score of each distinct prompt's samples, in prompt order (the items a paired
@@ -103,8 +104,10 @@ def rollout_in_batches(
     batch_size: int = 128,
     temperature: float = 1.0,
     device: torch.device | str = "cpu",
+    keep: list[Rollout] | None = None,
 ) -> tuple[list[str], list[bool], list[int]]:
-    """Sample one response per model prompt, in batches; returns texts, EOS flags and token lengths."""
+    """Sample one response per model prompt, in batches; returns texts, EOS flags and token lengths (and
+    appends each batch's :class:`Rollout` to ``keep`` when given)."""
     texts: list[str] = []
     finished: list[bool] = []
     lengths: list[int] = []
@@ -113,6 +116,8 @@ def rollout_in_batches(
         ro: Rollout = sample(forward, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
                              temperature=temperature, generator=generator)
         texts += decode_responses(tokenizer, ro)
+        if keep is not None:
+            keep.append(ro)
         finished += ro.finished.tolist()
         lengths += ro.lengths.tolist()
     return texts, finished, lengths
@@ -141,13 +146,14 @@ def evaluate_gold(
     if isinstance(forward, torch.nn.Module):
         was_training = forward.training
         forward.eval()
+    rollouts: list[Rollout] = []
     texts, finished, lengths = rollout_in_batches(forward, tokenizer, [p.text for p in prompts], max_new_tokens,
-                                                  gen, batch_size=batch_size, device=device)
+                                                  gen, batch_size=batch_size, device=device, keep=rollouts)
     if isinstance(forward, torch.nn.Module):
         forward.train(was_training)
     report = judge.report([p.raw for p in prompts], texts, finished)
     return GoldEval(report=report, prompts=prompts, responses=texts, finished=finished, lengths=lengths,
-                    judge=judge, samples_per_prompt=samples_per_prompt)
+                    judge=judge, samples_per_prompt=samples_per_prompt, rollouts=rollouts)
 
 
 __all__ = ["EVAL_SEED", "GoldEval", "GoldJudge", "evaluate_gold", "rollout_in_batches"]

@@ -41,6 +41,8 @@ KINDS = {"sft.jsonl": "sft", "prefs_train.jsonl": "prefs", "prefs_test.jsonl": "
          "prompts_train.jsonl": "prompts", "prompts_test.jsonl": "prompts"}
 """The data files of a data folder and the kind of row each holds."""
 GOLD_KEYS = ("gold_chosen", "gold_rejected")
+POLICY_STAGES = ("ppo", "dpo", "grpo", "bon")
+"""The stages that train or sample a policy on the SFT model (:mod:`rlhf_lite.policy_setup`)."""
 
 
 class DataWarning(UserWarning):
@@ -163,8 +165,9 @@ def check_data(data_dir: str | Path, files: Iterable[str] = tuple(KINDS), tokeni
 
 def check_stage_data(stage: str, data_dir: str | Path, cfg, profile, tokenizer=None,
                      context: int | None = None) -> DataCheck:
-    """Check the data files stage ``stage`` ("sft", "rm" or "ppo") reads, their token budgets where the model
-    does not truncate (the tiny model), and ``cfg`` against the data's size. ``tokenizer``: the model's (the
+    """Check the data files stage ``stage`` reads, their token budgets where the model does not truncate (the
+    tiny model), and ``cfg`` against the data's size. ``stage``: "sft", "rm", or one of :data:`POLICY_STAGES`
+    (which sample the prompts; DPO also trains on the preference pairs). ``tokenizer``: the model's (the
     world's tokenizer.json for the tiny SFT stage, loaded here when not given); ``context``: the model's
     context length (read from the tiny profile when not given)."""
     folder = Path(data_dir)
@@ -184,22 +187,30 @@ def check_stage_data(stage: str, data_dir: str | Path, cfg, profile, tokenizer=N
         files = ["prefs_train.jsonl", "prefs_test.jsonl"] + ["prompts_test.jsonl"] * world
         limit = (cfg.max_len, "RMConfig.max_len") if cfg.max_len else (context, "the model's context")
         budgets = {"prefs_train.jsonl": limit, "prefs_test.jsonl": limit}
-    else:
-        files = ["prompts_train.jsonl", "prompts_test.jsonl"] + ["sft.jsonl"] * bool(cfg.ptx_coef)
+    elif stage in POLICY_STAGES:
+        name = type(cfg).__name__
+        files = ["prompts_train.jsonl", "prompts_test.jsonl"] + ["sft.jsonl"] * bool(getattr(cfg, "ptx_coef", None))
         room = cfg.max_prompt_tokens or (context - cfg.max_new_tokens if context else None)
-        what = ("PPOConfig.max_prompt_tokens" if cfg.max_prompt_tokens else
-                f"the model's context minus PPOConfig.max_new_tokens ({cfg.max_new_tokens})")
+        what = (f"{name}.max_prompt_tokens" if cfg.max_prompt_tokens else
+                f"the model's context minus {name}.max_new_tokens ({cfg.max_new_tokens})")
         if room is not None:
             budgets = {"prompts_train.jsonl": (room, what), "prompts_test.jsonl": (room, what),
-                       "sft.jsonl": (room + cfg.max_new_tokens, f"{what} plus PPOConfig.max_new_tokens")}
-    if stage == "ppo":
+                       "sft.jsonl": (room + cfg.max_new_tokens, f"{what} plus {name}.max_new_tokens")}
+        limit = (cfg.max_len, f"{name}.max_len") if stage == "dpo" and cfg.max_len else (context, "the model's context")
+        if stage == "dpo":  # DPO trains on the preference pairs
+            files.insert(0, "prefs_train.jsonl")
+            if limit[0] is not None:
+                budgets["prefs_train.jsonl"] = limit
+    else:
+        raise ValueError(f"unknown stage {stage!r}; choose one of: sft, rm, {', '.join(POLICY_STAGES)}")
+    if stage in POLICY_STAGES:
         revalidate(cfg, context)  # a response budget over the context is the config's error, not the data's
     check = check_data(folder, files, tokenizer if tiny else None, budgets, profile.model.system_prompt)
-    if stage == "ppo":
+    if stage in POLICY_STAGES:
         revalidate(cfg, context, check.rows)
     else:
         revalidate(cfg, check.rows, gold=world)
     return check
 
 
-__all__ = ["DataCheck", "DataWarning", "check_data", "check_lengths", "check_stage_data", "read_rows"]
+__all__ = ["POLICY_STAGES", "DataCheck", "DataWarning", "check_data", "check_lengths", "check_stage_data", "read_rows"]

@@ -38,7 +38,8 @@ def boom(*args, **kwargs):
 def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every model load fail the test: the case must be decided before."""
     for target in ("rlhf_lite.sft_models.build_tiny_model", "rlhf_lite.sft_models.load_base",
-                   "rlhf_lite.rm.build_rm_stack", "rlhf_lite.ppo.stage.load_base", "rlhf_lite.loading.load_causal_lm"):
+                   "rlhf_lite.rm.build_rm_stack", "rlhf_lite.ppo.stage.load_base", "rlhf_lite.policy_setup.load_base",
+                   "rlhf_lite.loading.load_causal_lm"):
         monkeypatch.setattr(target, boom)
 
 
