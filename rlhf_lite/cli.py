@@ -1,4 +1,4 @@
-"""Command line: ``python -m rlhf_lite {data,sft,rm,ppo,pipeline,export,profiles,fetch-model} ...``.
+"""Command line: ``python -m rlhf_lite {data,sft,rm,ppo,dpo,grpo,bon,pipeline,export,profiles,fetch-model} ...``.
 
 Every stage runs for every profile (``--profile tiny|smol|colab_t4|consumer_24gb``; ``--model PATH_OR_ID``
 replaces the profile's model) and writes into its ``--out`` folder: ``metrics.jsonl`` (one JSON object per
@@ -75,7 +75,7 @@ def config_changes(args: argparse.Namespace) -> dict:
     return changes
 
 
-PARTS = ("model", "lora", "sft", "rm", "ppo")
+PARTS = ("model", "lora", "sft", "rm", "ppo", "dpo", "grpo", "bon")
 
 
 def build_profile(args: argparse.Namespace, changes: dict):
@@ -231,6 +231,10 @@ OVERWRITE_HELP = ("replace what --out holds (a run of this project: its files ar
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .beyond.bon import BoNConfig
+    from .beyond.cli import add_beyond_stages
+    from .beyond.dpo import DPOConfig
+    from .beyond.grpo import GRPOConfig
     from .loading import ModelSpec
     from .models import LoraSettings
     from .ppo.checkpoint import RESUME_CHANGEABLE
@@ -241,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m rlhf_lite", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    configs = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
+    configs = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig, "grpo": GRPOConfig, "bon": BoNConfig}
 
     def stage(name: str, help: str, own: tuple[str, ...]) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
@@ -288,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{', '.join('--' + f.replace('_', '-') for f in RESUME_CHANGEABLE)} (e.g. a lower "
                         "--policy-lr after the non-finite guard stopped the run, more --iterations)")
     p.set_defaults(func=cmd_ppo)
+
+    add_beyond_stages(stage)  # dpo, grpo, bon (notebook 06)
 
     p = stage("pipeline", "data check, SFT, RM, vanilla PPO and PPO-max, with a report", ("sft", "rm", "ppo"))
     p.set_defaults(part="pipeline")

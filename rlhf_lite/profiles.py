@@ -21,6 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from .beyond.bon import BoNConfig
+from .beyond.dpo import DPOConfig
+from .beyond.grpo import GRPOConfig
 from .loading import ModelSpec
 from .memory import QWEN25_1_5B, QWEN25_7B, SMOLLM2_135M, TINY_ARCH
 from .models import LoraSettings
@@ -48,6 +51,12 @@ class Profile:
     """Settings of the reward-model stage."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """The profile's vanilla PPO; presets add their tricks to it (see :meth:`ppo_config`)."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """Settings of the DPO stage (notebook 06)."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """Settings of the GRPO stage (notebook 06)."""
+    bon: BoNConfig = field(default_factory=BoNConfig)
+    """Settings of the best-of-n stage (notebook 06)."""
 
     def ppo_config(self, preset: str = "vanilla", **changes) -> PPOConfig:
         """Preset ``preset`` on this profile's PPO settings; ``changes`` override fields afterwards."""
@@ -75,6 +84,8 @@ class Profile:
         self.sft.validate()
         self.rm.validate()
         self.ppo.validate(self.context_length)
+        for cfg in (self.dpo, self.grpo, self.bon):
+            cfg.validate(self.context_length)
         if not self.model.is_tiny and self.ppo.max_prompt_tokens is None:
             raise SettingError(f"profile {self.name!r}: PPOConfig.max_prompt_tokens must be set for a pretrained "
                                "model (its context is known only once it loads)")
@@ -108,6 +119,14 @@ _PRETRAINED_PPO = PPOConfig(iterations=20, rollout_batch=8, minibatch_size=4, pp
                             max_prompt_tokens=256, temperature=0.8, top_p=0.9, policy_lr=1e-5, critic_lr=5e-5,
                             gold_every=5, gold_early_until=0, sample_every=5, checkpoint_every=5)
 
+# DPO, GRPO and best-of-n on a pretrained model: PPO's sampling and learning rates, short budgets.
+_PRETRAINED_DPO = DPOConfig(steps=100, batch_size=8, lr=1e-5, warmup_steps=10, eval_every=25, max_new_tokens=128,
+                            max_prompt_tokens=256)
+_PRETRAINED_GRPO = GRPOConfig(iterations=20, prompts_per_iteration=2, group_size=4, minibatch_size=4, max_new_tokens=128,
+                              max_prompt_tokens=256, temperature=0.8, top_p=0.9, lr=1e-5, gold_every=5, sample_every=5)
+_PRETRAINED_BON = BoNConfig(n_max=16, ns=(1, 2, 4, 8, 16), n_test_prompts=64, max_new_tokens=128, max_prompt_tokens=256)
+_SMOL_BUDGET = {"max_new_tokens": 24, "max_prompt_tokens": 96}  # the smol PPO budget
+
 # SmolLM2 on two CPU cores, sized so that the whole pipeline takes under an hour (docs in notebook 05).
 # Measured here: fp32 with merged-weight LoRA is the fast path (bf16 matrix products ran 5-14x slower on
 # this CPU, NF4 through bitsandbytes ~10x slower), so "auto" keeps the base float on the CPU and NF4 on
@@ -125,6 +144,9 @@ SMOL = Profile(
     rm=replace(_PRETRAINED_RM, lr=3e-4, eval_every=50, max_new_tokens=24, eval_batch_size=64, n_test_pairs=500),
     ppo=replace(_PRETRAINED_PPO, rollout_batch=16, minibatch_size=8, max_new_tokens=24, max_prompt_tokens=96,
                 policy_lr=1e-4, critic_lr=1e-4, checkpoint_every=10),
+    dpo=replace(_PRETRAINED_DPO, lr=1e-4, **_SMOL_BUDGET),
+    grpo=replace(_PRETRAINED_GRPO, prompts_per_iteration=4, minibatch_size=8, lr=1e-4, **_SMOL_BUDGET),
+    bon=replace(_PRETRAINED_BON, **_SMOL_BUDGET),
 )
 
 COLAB_T4 = Profile(
@@ -135,6 +157,9 @@ COLAB_T4 = Profile(
     sft=replace(_PRETRAINED_SFT, batch_size=8, max_len=384),
     rm=replace(_PRETRAINED_RM, batch_size=4, max_len=384, eval_batch_size=8),
     ppo=_PRETRAINED_PPO,
+    dpo=_PRETRAINED_DPO,
+    grpo=_PRETRAINED_GRPO,
+    bon=_PRETRAINED_BON,
 )
 
 CONSUMER_24GB = Profile(
@@ -146,6 +171,9 @@ CONSUMER_24GB = Profile(
     rm=replace(_PRETRAINED_RM, steps=200, batch_size=4, lr=5e-5, max_len=512, eval_batch_size=4),
     ppo=replace(_PRETRAINED_PPO, iterations=40, minibatch_size=2, max_prompt_tokens=384, policy_lr=5e-6,
                 critic_lr=2e-5),
+    dpo=replace(_PRETRAINED_DPO, batch_size=4, lr=5e-6, max_prompt_tokens=384),
+    grpo=replace(_PRETRAINED_GRPO, minibatch_size=2, lr=5e-6, max_prompt_tokens=384),
+    bon=replace(_PRETRAINED_BON, max_prompt_tokens=384),
 )
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (TINY, SMOL, COLAB_T4, CONSUMER_24GB)}
