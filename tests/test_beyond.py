@@ -241,11 +241,13 @@ def test_the_rm_hacking_rule_and_gold_at_a_kl() -> None:
     def run(gold, reward):
         k = len(gold)
         return Curves("x", "x", np.array([np.linspace(0, 2, k)]), np.array([gold]), np.array([reward]),
-                      np.ones((1, k)), np.linspace(0, 1, k), np.array([1.0]))
+                      np.ones((1, k)), np.ones((1, k)), np.linspace(0, 1, k), np.array([1.0]), np.array([False]))
 
-    # after the peak (0.8), gold falls by 0.4 while the reward rises by 0.5: hacking
+    # after the peak (0.8; the start does not count), gold falls by 0.4 while the reward rises by 0.5: hacking
     assert run([0.5, 0.8, 0.4], [0.0, 0.5, 1.0]).hacked(0)
     assert not run([0.5, 0.8, 0.4], [0.0, 0.5, 0.7]).hacked(0)  # the reward rose by only 0.2
     assert not run([0.5, 0.8, 0.6], [0.0, 0.5, 1.5]).hacked(0)  # the gold fell by only 0.2
+    start_is_best = run([0.9, 0.3, 0.2], [0.0, 0.5, 1.0])  # from the start, gold fell 0.7 while the reward rose 1.0
+    assert start_is_best.peak(0) == 1 and not start_is_best.hacked(0)
     c = run([0.0, 1.0, 0.5], [0, 0, 0])  # KL 0, 1, 2
     assert at_kl(c, 0.5) == pytest.approx(0.5) and at_kl(c, 1.5) == pytest.approx(0.75) and at_kl(c, 3) is None

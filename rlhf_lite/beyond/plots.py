@@ -45,13 +45,19 @@ def plot_bon(run_dir, out_path=None):
 COLORS = {"vanilla": "C0", "ppo_max": "C1", "grpo": "C2", "grpo_no_kl": "C4", "dpo": "C3", "bon": "k"}
 
 
-def _sqrt_x(ax) -> None:
-    ax.set_xscale("function", functions=(lambda x: np.sqrt(np.clip(x, 0, None)), np.square))
+KL_TICKS = (0, 0.1, 0.3, 1, 3, 10, 30)
+
+
+def _kl_axis(ax) -> None:
+    """Linear up to 0.1 nats, logarithmic beyond (as notebook 03's over-optimization plot)."""
+    ax.set_xscale("symlog", linthresh=0.1, linscale=0.5)
+    ax.set_xticks(KL_TICKS, [str(t) for t in KL_TICKS])
+    ax.set_xlim(left=-0.01)
 
 
 def plot_frontier(cs: dict, sft_gold: float, ax=None):
     """Gold score against KL(policy || reference) per response, every method: each seed thin, the mean over
-    seeds bold; x on a square-root scale (Gao et al. 2023 plot against sqrt(KL))."""
+    seeds bold. ``sft_gold``: the SFT model's expected gold score (a dotted line)."""
     fig, ax = (None, ax) if ax is not None else plt.subplots(figsize=(8, 4.8))
     for c in cs.values():
         color = COLORS.get(c.name)
@@ -60,10 +66,11 @@ def plot_frontier(cs: dict, sft_gold: float, ax=None):
         ax.plot(c.kl.mean(0), c.gold.mean(0), "o-" if c.name != "bon" else "s--", ms=3.5, color=color, label=c.label)
         if c.name == "bon":
             for x, y, n in zip(c.kl.mean(0), c.gold.mean(0), c.progress):
-                ax.annotate(f"n={int(n)}", (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
-    ax.axhline(sft_gold, color="grey", ls=":", lw=1, label="SFT model")
-    _sqrt_x(ax)
-    ax.set(xlabel="KL(policy || SFT) per response, nats (square-root scale)", ylabel="mean gold score (test prompts)",
+                if n in (1, 2, 8, 64):
+                    ax.annotate(f"n={int(n)}", (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    ax.axhline(sft_gold, color="grey", ls=":", lw=1, label="SFT model (64 samples per prompt)")
+    _kl_axis(ax)
+    ax.set(xlabel="KL(policy || SFT) per response, nats (linear to 0.1, then log)", ylabel="mean gold score (test prompts)",
            title="The over-optimization frontier: gold score against KL to the reference")
     ax.legend(fontsize=8, ncol=2)
     return fig if fig is not None else ax.figure
@@ -103,6 +110,8 @@ def plot_compare_monitors(results: dict, cs: dict):
                            for s in seeds])
             ax.plot(c.progress, ys.mean(0), "o-", ms=3, color=COLORS.get(c.name), label=c.label)
             ax.set(xlabel="fraction of the training budget", ylabel=ylabel, title=title)
+            if key == "eval_ref_perplexity":
+                ax.set_yscale("log")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("Collapse monitors on the test-prompt samples (means over 3 seeds)", y=1.0)
     return _finish(fig, None)

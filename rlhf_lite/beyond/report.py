@@ -32,11 +32,15 @@ class Curves:
     gold: np.ndarray
     reward: np.ndarray  # the RM's mean score of the measured samples
     length: np.ndarray  # tokens per response
+    ref_ppl: np.ndarray  # the SFT model's perplexity of the responses (best-of-n: NaN, not measured per n)
     progress: np.ndarray  # (K,) fraction of the training budget (best-of-n: n)
     wall: np.ndarray  # (S,) seconds per run
+    collapsed: np.ndarray  # (S,) whether the stage's collapse detector fired (best-of-n: never)
 
     def peak(self, s: int) -> int:
-        return int(np.argmax(self.gold[s]))
+        """Index of seed ``s``'s best measurement after the start (the start is the SFT model; best-of-n: n > 1).
+        The best of a dozen noisy measurements is an optimistic estimate: compare peaks with that in mind."""
+        return 1 + int(np.argmax(self.gold[s, 1:]))
 
     def hacked(self, s: int) -> bool:
         """Seed ``s`` over-optimized the RM: see :data:`HACK`."""
@@ -51,22 +55,35 @@ def curves(results: dict, name: str) -> Curves:
     runs = [results["runs"][(name, s)] for s in seeds]
     label = runs[0]["label"]
     wall = np.array([r["wall_seconds"] for r in runs])
+    collapsed = np.array([bool(r["summary"].get("collapse_detected")) for r in runs])
     if runs[0]["stage"] == "bon":
         rows = [r["series"] for r in runs]
         get = lambda key: np.array([[p[key] for p in rs] for rs in rows])
         return Curves(name, label, get("kl_bon"), get("gold_score"), get("reward"), get("response_length"),
-                      np.array([p["n"] for p in rows[0]], dtype=float), wall)
+                      np.full((len(runs), len(rows[0])), np.nan), np.array([p["n"] for p in rows[0]], dtype=float),
+                      wall, collapsed)
     pts = [[p for p in r["series"] if "gold_score" in p] for r in runs]
     if len({len(p) for p in pts}) != 1:
         raise ValueError(f"{name}: the seeds were measured a different number of times")
     get = lambda key: np.array([[p[key] for p in ps] for ps in pts])
     its = np.array([p["iteration"] for p in pts[0]], dtype=float)
     return Curves(name, label, get("eval_kl_per_sequence"), get("gold_score"), get("eval_reward"),
-                  get("eval_response_length"), its / its[-1], wall)
+                  get("eval_response_length"), get("eval_ref_perplexity"), its / its[-1], wall, collapsed)
 
 
-def all_curves(results: dict) -> dict[str, Curves]:
-    return {m.name: curves(results, m.name) for m in METHODS}
+def all_curves(results: dict, precise_start: bool = True) -> dict[str, Curves]:
+    """Every method's :class:`Curves`. ``precise_start``: every trained method starts as the SFT model, whose
+    gold score, RM reward and length best-of-n at n = 1 measures on 64 samples per prompt; that replaces the
+    first measurement of one sample per prompt (identical for every method and seed, so its noise would not
+    average out over seeds)."""
+    cs = {m.name: curves(results, m.name) for m in METHODS}
+    if precise_start:
+        bon = cs["bon"]
+        for c in cs.values():
+            if c.name != "bon":
+                c.gold[:, 0], c.reward[:, 0] = bon.gold[:, 0].mean(), bon.reward[:, 0].mean()
+                c.length[:, 0] = bon.length[:, 0].mean()
+    return cs
 
 
 def _ci(values) -> Interval:
@@ -80,9 +97,21 @@ def fmt(iv: Interval, digits: int = 3) -> str:
     return f"{iv.mean:.{digits}f} [{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
 
 
+def sft_gold(cs: dict[str, Curves]) -> float:
+    """The SFT model's expected gold score, measured precisely: best-of-n at n = 1 averages 64 samples per test
+    prompt (every other method's first measurement is one sample per prompt: the same model, 64x the noise)."""
+    return float(cs["bon"].gold[:, 0].mean())
+
+
+def hackers(cs: dict[str, Curves]) -> list[str]:
+    """The methods that hacked the RM (:data:`HACK`) on most seeds."""
+    return [c.label for c in cs.values() if sum(c.hacked(s) for s in range(c.gold.shape[0])) > c.gold.shape[0] / 2]
+
+
 def table_rows(cs: dict[str, Curves]) -> list[list[str]]:
     """One row per method: final and peak gold with 95 % intervals over seeds, the KL at the peak and at the
-    end, the RM reward and length at the end, how many seeds hacked the RM, the wall time."""
+    end, the RM reward and length at the end, on how many seeds the RM was hacked and the collapse detector
+    fired, the wall time."""
     rows = []
     for c in cs.values():
         S = c.gold.shape[0]
@@ -90,12 +119,12 @@ def table_rows(cs: dict[str, Curves]) -> list[list[str]]:
         rows.append([c.label, fmt(_ci(c.gold[:, -1])), fmt(_ci(c.gold[np.arange(S), peaks])),
                      fmt(_ci(c.kl[np.arange(S), peaks]), 2), fmt(_ci(c.kl[:, -1]), 2), fmt(_ci(c.reward[:, -1]), 2),
                      f"{c.length[:, -1].mean():.1f}", f"{sum(c.hacked(s) for s in range(S))} of {S}",
-                     f"{c.wall.mean():.0f}"])
+                     "-" if c.name == "bon" else f"{int(c.collapsed.sum())} of {S}", f"{c.wall.mean():.0f}"])
     return rows
 
 
 TABLE_HEADER = ["method", "final gold", "peak gold", "KL at peak", "final KL", "final RM reward", "final length",
-                "seeds hacking the RM", "wall s / run"]
+                "RM hacked (seeds)", "collapse detected (seeds)", "wall s / run"]
 
 
 def at_kl(c: Curves, kl: float) -> float | None:
@@ -108,73 +137,82 @@ def at_kl(c: Curves, kl: float) -> float | None:
     return float(y[0]) if kl <= x[0] else None
 
 
-def verdicts(cs: dict[str, Curves], sft_gold: float) -> list[list[str]]:
-    """(claim, source, what our runs show, verdict) rows, each computed from the curves by a stated rule."""
-    def peak(c):
-        S = c.gold.shape[0]
-        idx = [c.peak(s) for s in range(S)]
-        return _ci(c.gold[np.arange(S), idx]), float(c.kl[np.arange(S), idx].mean())
+def _peak(c: Curves) -> tuple[Interval, float]:
+    """The peak gold over seeds (95 % interval) and the mean KL at which the seeds reached it."""
+    S = c.gold.shape[0]
+    idx = [c.peak(s) for s in range(S)]
+    return _ci(c.gold[np.arange(S), idx]), float(c.kl[np.arange(S), idx].mean())
 
-    def hackers():
-        return [c.label for c in cs.values() if sum(c.hacked(s) for s in range(c.gold.shape[0])) >= 2]
 
+def frontier_gap(a: Curves, b: Curves, points: int = 6) -> tuple[float, float, float]:
+    """Mean of ``at_kl(a) - at_kl(b)`` over ``points`` KL values spaced evenly in log between 0.3 nats and the
+    largest mean KL both paths reach; returns (gap, low end, high end)."""
+    top = float(min(a.kl.mean(0).max(), b.kl.mean(0).max()))
+    grid = np.geomspace(0.3, top, points)
+    return float(np.mean([at_kl(a, k) - at_kl(b, k) for k in grid])), 0.3, top
+
+
+def verdicts(cs: dict[str, Curves]) -> list[list[str]]:
+    """(question or claim, source, what our runs show, verdict) rows, each computed from the curves by a
+    stated rule: figures within :data:`TOL` count as equal; a difference of final gold scores needs its 95 %
+    interval over the seed pairs to exclude 0."""
+    base = sft_gold(cs)
     rows = []
-    best = max(cs.values(), key=lambda c: peak(c)[0].mean)
-    g, k = peak(best)
-    rows.append(["Which method reaches the best gold score, at which KL?", "(this notebook)",
-                 f"{best.label}: peak gold {fmt(g)} at {k:.2f} nats per response (SFT model {sft_gold:.3f})",
-                 best.label])
-    h = hackers()
-    rows.append(["Which methods hack the RM (gold falls after its peak while the RM reward rises)?", "(this notebook)",
-                 ", ".join(h) or "none", ", ".join(h) or "none"])
-    dpo, pmax, van = cs["dpo"], cs["ppo_max"], cs["vanilla"]
-    (gd, kd), (gp, kp) = peak(dpo), peak(pmax)
+    best = max(cs.values(), key=lambda c: _peak(c)[0].mean)
+    g, k = _peak(best)
+    rows.append(["Which method reaches the best gold score, and at which KL?", "(this notebook)",
+                 f"{best.label}: peak {fmt(g)} at {k:.2f} nats per response (SFT model {base:.3f})", best.label])
+    h = hackers(cs)
+    rows.append(["Which methods hack the RM (after the gold peak, gold falls while the RM reward rises)?",
+                 "(this notebook)", ", ".join(h) or "none", ", ".join(h) or "none"])
+    dpo, pmax, van, grpo, nokl, bon = (cs[n] for n in ("dpo", "ppo_max", "vanilla", "grpo", "grpo_no_kl", "bon"))
+    (gd, kd), (gp, kp) = _peak(dpo), _peak(pmax)
     dominates = gd.mean >= gp.mean - TOL and kd <= kp
-    rows.append(["DPO's gold-vs-KL frontier dominates PPO's (DPO Fig. 2, with a ground-truth reward)",
-                 "Rafailov et al. 2023", (f"DPO peak {gd.mean:.3f} at KL {kd:.2f}; PPO-max peak {gp.mean:.3f} at "
-                 f"KL {kp:.2f}; vanilla PPO peak {peak(van)[0].mean:.3f}"),
-                 "yes" if dominates else ("against vanilla PPO only" if gd.mean > peak(van)[0].mean + TOL else "no")])
+    rows.append(["DPO's gold-vs-KL frontier dominates PPO's (their Fig. 2, with a ground-truth reward)",
+                 "Rafailov et al. 2023", (f"peak gold: DPO {gd.mean:.3f} at KL {kd:.2f}, PPO-max {gp.mean:.3f} at "
+                                          f"KL {kp:.2f}, vanilla PPO {_peak(van)[0].mean:.3f}"),
+                 "yes" if dominates else ("only vanilla PPO's" if gd.mean > _peak(van)[0].mean + TOL else "no")])
     diff = _ci(pmax.gold[:, -1] - dpo.gold[:, -1])
-    rows.append(["Well-tuned PPO beats DPO", "Xu et al. 2024",
-                 f"final gold PPO-max minus DPO: {fmt(diff)} (per seed pairs)",
+    rows.append(["Well-tuned PPO beats DPO", "Xu et al. 2024", f"final gold, PPO-max minus DPO: {fmt(diff)}",
                  "yes" if diff.low > 0 else ("no: DPO is better" if diff.high < 0 else "not resolved by 3 seeds")])
-    rows.append(["DPO drifts further from the reference than PPO (out-of-distribution solutions)", "Xu et al. 2024",
-                 f"final KL per response: DPO {dpo.kl[:, -1].mean():.2f}, PPO-max {pmax.kl[:, -1].mean():.2f}",
-                 "yes" if dpo.kl[:, -1].mean() > pmax.kl[:, -1].mean() else "no"])
-    grpo = cs["grpo"]
-    gain = lambda c: c.gold[:, -1].mean() - sft_gold
-    rows.append(["Dropping the critic keeps RL's gains at lower cost", "Shao et al. 2024 (GRPO)",
-                 (f"gold gain over SFT: GRPO {gain(grpo):+.3f}, PPO-max {gain(pmax):+.3f}; wall time "
-                 f"{grpo.wall.mean():.0f} s against {pmax.wall.mean():.0f} s"),
-                 "yes" if gain(grpo) >= gain(pmax) - TOL and grpo.wall.mean() < pmax.wall.mean() else
-                 ("cheaper, smaller gain" if grpo.wall.mean() < pmax.wall.mean() else "no")])
-    bon = cs["bon"]
-    i = int(np.argmax(bon.gold.mean(0)))
-    turn = bon.gold.mean(0)[-1] < bon.gold.mean(0)[i] - TOL
-    rows.append(["Gold rises, then falls as best-of-n optimizes harder (over-optimization)", "Gao et al. 2023",
-                 (f"best-of-n gold peaks at n = {int(bon.progress[i])} ({bon.gold.mean(0)[i]:.3f}, KL {bon.kl[0, i]:.2f}); "
-                 f"n = {int(bon.progress[-1])}: {bon.gold.mean(0)[-1]:.3f}"),
-                 "yes" if turn and i > 0 else ("rises only, no turn within n_max" if i > 0 else "no")])
-    g_bon, k_bon = float(bon.gold.mean(0)[i]), float(bon.kl[0, i])
-    rl = [c for c in cs.values() if c.name not in ("bon", "dpo")]
-    reach = {c.label: at_kl(c, k_bon) for c in rl}
+    ppl = lambda c: float(c.ref_ppl[:, -1].mean())
+    rows.append(["DPO drifts to responses off the reference's distribution", "Xu et al. 2024",
+                 (f"at the end, KL per response DPO {dpo.kl[:, -1].mean():.2f}, PPO-max {pmax.kl[:, -1].mean():.2f}; "
+                  f"reference perplexity DPO {ppl(dpo):.1f}, PPO-max {ppl(pmax):.1f}"),
+                 "yes" if dpo.kl[:, -1].mean() > pmax.kl[:, -1].mean() and ppl(dpo) > ppl(pmax) else "no"])
+    rows.append(["Without a critic, RL costs less", "Shao et al. 2024 (GRPO)",
+                 f"wall time per run: GRPO {grpo.wall.mean():.0f} s, vanilla PPO {van.wall.mean():.0f} s",
+                 "yes" if grpo.wall.mean() < van.wall.mean() else "no"])
+    gains = {c.label: _peak(c)[0].mean - base for c in (grpo, van, pmax)}
+    rows.append(["... and keeps RL's gains", "Shao et al. 2024 (GRPO)",
+                 "best gold after the start, minus the SFT model's: " + ", ".join(f"{n} {v:+.3f}" for n, v in gains.items()),
+                 "yes" if gains["GRPO"] >= gains["PPO-max"] - TOL else
+                 ("as much as vanilla PPO" if gains["GRPO"] >= gains["vanilla PPO"] - TOL else "no")])
+    bg = bon.gold.mean(0)
+    i = int(np.argmax(bg))
+    turn = bg[-1] < bg[i] - TOL
+    rows.append(["Gold rises, then falls as best-of-n optimizes harder", "Gao et al. 2023",
+                 (f"best-of-n gold: n = 1 {bg[0]:.3f}, peak at n = {int(bon.progress[i])} {bg[i]:.3f} (KL "
+                  f"{bon.kl[0, i]:.2f}), n = {int(bon.progress[-1])} {bg[-1]:.3f}"),
+                 "yes" if turn and i > 0 else ("rises only" if i > 0 else "no")])
+    g_bon, k_bon = float(bg[i]), float(bon.kl[0, i])
+    reach = {c.label: at_kl(c, k_bon) for c in (van, pmax, grpo, nokl)}
     worse = [n for n, v in reach.items() if v is not None and v < g_bon - TOL]
-    rows.append(["RL is less KL-efficient than best-of-n: lower gold at the same KL", "Gao et al. 2023",
+    rows.append(["RL is less KL-efficient than best-of-n: less gold at the same KL", "Gao et al. 2023",
                  f"gold at best-of-n's peak KL {k_bon:.2f} (best-of-n {g_bon:.3f}): " + ", ".join(
                      f"{n} {'-' if v is None else f'{v:.3f}'}" for n, v in reach.items()),
                  f"yes for {', '.join(worse)}" if worse else "no"])
-    nokl = cs["grpo_no_kl"]
-    shared = min(grpo.kl.mean(0).max(), nokl.kl.mean(0).max())
-    a, b = at_kl(grpo, shared), at_kl(nokl, shared)
+    gap, lo, hi = frontier_gap(grpo, nokl)
     rows.append(["A KL penalty does not improve the gold-vs-KL frontier (it acts like early stopping)",
-                 "Gao et al. 2023", (f"at KL {shared:.2f}: GRPO {a:.3f}, GRPO without KL {b:.3f}; final KL "
-                 f"{grpo.kl[:, -1].mean():.2f} and {nokl.kl[:, -1].mean():.2f}"),
-                 "yes" if abs(a - b) <= TOL else ("no: the KL term's frontier is higher" if a > b else
-                                                  "no: the frontier without KL is higher")])
+                 "Gao et al. 2023", (f"GRPO minus GRPO without KL, gold at equal KL, mean over {lo:.1f}-{hi:.1f} "
+                                     f"nats: {gap:+.3f}; final KL {grpo.kl[:, -1].mean():.1f} and "
+                                     f"{nokl.kl[:, -1].mean():.1f}"),
+                 "yes" if abs(gap) <= TOL else ("no: the KL term's frontier is higher" if gap > 0 else
+                                                "no: the frontier without KL is higher")])
     return rows
 
 
 VERDICT_HEADER = ["question or published claim", "source", "our runs (3 seeds, means)", "verdict"]
 
 __all__ = ["HACK", "TABLE_HEADER", "TOL", "VERDICT_HEADER", "Curves", "all_curves", "at_kl", "curves", "fmt",
-           "table_rows", "verdicts"]
+           "frontier_gap", "hackers", "sft_gold", "table_rows", "verdicts"]

@@ -1,7 +1,7 @@
 """The comparison of notebook 06: vanilla PPO, PPO-max, GRPO (with and without its KL term), DPO and best-of-n,
 three seeds each, on the notebooks' SFT model and reward model (tiny profile, seed 0).
 
-    python -m rlhf_lite.beyond.sweep            # [--seeds 0 1 2] [--workers 2] [--threads 1]
+    python -m rlhf_lite.beyond.sweep            # [--seeds 0 1 2] [--workers 2] [--threads 1] [--fresh]
 
 runs every method into ``runs/notebooks/beyond_ppo/<method>_seed<s>`` and writes COMPACT results into
 ``results/beyond_ppo/`` (committed): per run its config, its summary and the series the notebook plots,
@@ -120,6 +120,14 @@ def run_method(name: str, seed: int, out: Path, sft_dir: Path, rm_dir: Path) -> 
     return run_bon(out, sft_dir, rm_dir, cfg, preset=m.preset)
 
 
+def finished(name: str, seed: int) -> bool:
+    """Whether the run folder holds a finished run with the current config of ``name`` and ``seed``."""
+    from ..settings import to_dict
+
+    path = run_dir(name, seed) / "summary.json"
+    return path.is_file() and read_json(path)["config"] == to_dict(method_config(name, seed))
+
+
 def _job(name: str, seed: int, threads: int) -> dict:
     """One run in a worker process (top level, so a spawned process can import it); returns its compact form."""
     import torch
@@ -159,9 +167,10 @@ def compact(name: str, seed: int, out: Path) -> dict:
     }
 
 
-def run_sweep(seeds=SEEDS, workers: int = 2, threads: int = 1, results: Path = RESULTS) -> dict:
+def run_sweep(seeds=SEEDS, workers: int = 2, threads: int = 1, results: Path = RESULTS, fresh: bool = False) -> dict:
     """Every method with every seed (``workers`` processes of ``threads`` torch threads), then the compact
-    results in ``results``. The SFT model and RM are the notebooks' (trained first if missing)."""
+    results in ``results``. The SFT model and RM are the notebooks' (trained first if missing). A finished run
+    with the same config is read back unless ``fresh``."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -172,16 +181,22 @@ def run_sweep(seeds=SEEDS, workers: int = 2, threads: int = 1, results: Path = R
     start = time.time()
     sft, rm = ensure_sft(), ensure_rm()
     jobs = [(m.name, s) for s in seeds for m in METHODS]
-    ctx = multiprocessing.get_context("spawn")  # forking a process with live OpenMP threads can hang
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {job: pool.submit(_job, *job, threads) for job in jobs}
-        runs = {job: f.result() for job, f in futures.items()}
+    runs = {job: compact(*job, run_dir(*job)) for job in jobs if not fresh and finished(*job)}
+    todo = [job for job in jobs if job not in runs]
+    if todo:
+        ctx = multiprocessing.get_context("spawn")  # forking a process with live OpenMP threads can hang
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = {job: pool.submit(_job, *job, threads) for job in todo}
+            runs.update({job: f.result() for job, f in futures.items()})
+    runs = {job: runs[job] for job in jobs}
     results.mkdir(parents=True, exist_ok=True)
     for (name, seed), run in runs.items():
         write_json(results / f"{name}_seed{seed}.json", run)
     meta = {
         "command": COMMAND, "seeds": list(seeds), "workers": workers, "threads_per_run": threads,
-        "sweep_wall_seconds": round(time.time() - start, 1), "methods": [asdict(m) for m in METHODS],
+        "sweep_wall_seconds": round(time.time() - start, 1), "reused_runs": len(jobs) - len(todo),
+        "runs_wall_seconds": round(sum(r["wall_seconds"] for r in runs.values()), 1),
+        "methods": [asdict(m) for m in METHODS],
         "sft": {"sha256": runs[jobs[0]]["fingerprints"]["sft_model"], "config": sft["config"],
                 "gold_score_after": sft.get("gold_score_after")},
         "rm": {"sha256": runs[jobs[0]]["fingerprints"]["rm"], "config": rm["config"],
@@ -256,8 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--workers", type=int, default=2, help="runs side by side (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    parser.add_argument("--fresh", action="store_true", help="re-run finished runs too")
     args = parser.parse_args(argv)
-    out = run_sweep(tuple(args.seeds), args.workers, args.threads)
+    out = run_sweep(tuple(args.seeds), args.workers, args.threads, fresh=args.fresh)
     print(f"{len(out['runs'])} runs in {out['meta']['sweep_wall_seconds']:.0f} s -> {RESULTS}")
 
 
