@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,8 +31,9 @@ COMMAND = "python -m rlhf_lite.beyond.sweep"
 RESULTS = REPO_ROOT / "results" / "beyond_ppo"
 SEEDS = (0, 1, 2)
 PPO_GOLD_EVERY = 5
-"""The PPO runs measure every 5 iterations (their presets: 10) for more points on the frontier; measuring
-changes no training step (it has its own sampling seed)."""
+"""The PPO runs measure every 5 iterations throughout (their presets: every 2 up to iteration 20, then every
+10), as GRPO does: the same 13 points on the frontier for both, so neither method's peak is the best of more
+noisy measurements. Measuring changes no training step (it has its own sampling seed)."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def method_config(name: str, seed: int = 0, profile=None):
 
     profile, m = profile or TINY, BY_NAME[name]
     if m.stage == "ppo":
-        return profile.ppo_config(m.preset, gold_every=PPO_GOLD_EVERY, seed=seed)
+        return profile.ppo_config(m.preset, gold_every=PPO_GOLD_EVERY, gold_early_until=0, seed=seed)
     presets = {"grpo": GRPO_PRESETS, "dpo": DPO_PRESETS, "bon": BON_PRESETS}[m.stage]
     return replace(preset_config(presets, m.preset, getattr(profile, m.stage)), seed=seed)
 
@@ -178,7 +181,7 @@ def run_sweep(seeds=SEEDS, workers: int = 2, threads: int = 1, results: Path = R
     from ..stage import data_fingerprint
     from ..utils import DATA_DIR
 
-    start = time.time()
+    start, load_before = time.time(), os.getloadavg()[0]
     sft, rm = ensure_sft(), ensure_rm()
     jobs = [(m.name, s) for s in seeds for m in METHODS]
     runs = {job: compact(*job, run_dir(*job)) for job in jobs if not fresh and finished(*job)}
@@ -195,6 +198,8 @@ def run_sweep(seeds=SEEDS, workers: int = 2, threads: int = 1, results: Path = R
     meta = {
         "command": COMMAND, "seeds": list(seeds), "workers": workers, "threads_per_run": threads,
         "sweep_wall_seconds": round(time.time() - start, 1), "reused_runs": len(jobs) - len(todo),
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2)},
         "runs_wall_seconds": round(sum(r["wall_seconds"] for r in runs.values()), 1),
         "methods": [asdict(m) for m in METHODS],
         "sft": {"sha256": runs[jobs[0]]["fingerprints"]["sft_model"], "config": sft["config"],
