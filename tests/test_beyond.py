@@ -75,6 +75,10 @@ def test_group_advantages_by_hand() -> None:
         [-1, 0, 1, 8 / 3, -4 / 3, -4 / 3, 0, 0, 0], abs=1e-6)
     with pytest.raises(ValueError, match="not groups of 4"):
         group_advantages(r, 4)
+    # eight equal float32 scores: their float32 mean is off by one rounding step, which divided by the eps of
+    # an empty spread gave every response an advantage of 6e-4; equal scores carry no signal
+    assert torch.mean(torch.full((8,), 0.7)).item() != torch.tensor(0.7).item()
+    assert group_advantages(torch.full((16,), 0.7), 8).tolist() == [0.0] * 16
 
 
 def test_grpo_loss_by_hand_sequence_and_token_means() -> None:

@@ -72,6 +72,13 @@ def test_dpo_on_the_tiny_profile_and_its_export(tiny_folders, small_world, tmp_p
         exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
         torch.testing.assert_close(exported(ids).logits, peft(ids).logits, atol=1e-5, rtol=1e-5)
     assert (tmp_path / "dpo" / "dpo_monitors.png").is_file()
+    from rlhf_lite.beyond import sweep
+
+    stored = sweep.compact("dpo", 0, tmp_path / "dpo")  # what results/beyond_ppo keeps of a run
+    assert set(stored["fingerprints"]) == {"sft_model", "rm", "data"}
+    assert stored["fingerprints"]["sft_model"] == model_fingerprint(sft / "model")["sha256"]
+    assert [p["iteration"] for p in stored["series"]] == [r["step"] for r in rows]
+    assert "provenance" not in stored["summary"] and stored["config"] == s["config"]
 
 
 def test_grpo_and_bon_on_the_tiny_profile(tiny_folders, small_world, tmp_path: Path) -> None:

@@ -130,15 +130,18 @@ def group_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = True
     """Group-relative advantages (GRPO Sec. 4.1.2): (r - group mean) / (group std + eps).
 
     rewards: (B,) with each group of ``group_size`` responses contiguous (B = prompts * G). The std is the
-    sample std (n - 1, as torch.std); a group of equal rewards gets advantage 0. Returns (B,).
+    sample std (n - 1, as torch.std); a group of equal rewards gets advantage exactly 0. Computed in float64,
+    returned as float32 (B,).
     """
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards {tuple(rewards.shape)} are not groups of {group_size}")
-    groups = rewards.view(-1, group_size).float()
+    groups = rewards.detach().view(-1, group_size).double()
     adv = groups - groups.mean(-1, keepdim=True)
     if scale_by_std:
         adv = adv / (groups.std(-1, keepdim=True) + eps)
-    return adv.flatten()
+    # the rounding of a mean of equal scores (float32 0.7 eight times) divided by eps would invent a signal
+    flat = groups.amax(-1, keepdim=True) == groups.amin(-1, keepdim=True)
+    return torch.where(flat, 0.0, adv).flatten().float()
 
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float,

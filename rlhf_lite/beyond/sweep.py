@@ -165,7 +165,7 @@ def compact(name: str, seed: int, out: Path) -> dict:
         "config": summary["config"],
         "summary": {k: _round(v) for k, v in summary.items() if k not in ("config", "provenance", "rows", "lora")},
         "series": series if m.stage != "bon" else [{k: _round(v) for k, v in r.items()} for r in summary["rows"]],
-        "fingerprints": {k: v["sha256"] for k, v in summary["provenance"].items() if isinstance(v, dict)},
+        "fingerprints": {k: v["sha256"] for k, v in summary["provenance"].items() if isinstance(v, dict) and "sha256" in v},
         "wall_seconds": _round(summary["wall_seconds"]),
     }
 
