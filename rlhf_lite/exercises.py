@@ -1,4 +1,4 @@
-"""Checks for the exercises of notebooks 02 to 04: the learner's function against the package's own.
+"""Checks for the exercises of notebooks 02 to 04 and 06: the learner's function against the package's own.
 
 Each ``check_*`` takes the learner's function, runs it and the package's reference on hand-built and random
 inputs (padding with garbage in it, left- and right-padded rows, several settings), and raises an
@@ -195,6 +195,65 @@ def check_entropy_term(fn: Callable) -> int:
     return n
 
 
-__all__ = ["NOT_ATTEMPTED", "attempt", "check_entropy_term", "check_gae", "check_global_clip", "check_mean_ci",
-           "check_paired_bootstrap", "check_policy_loss", "check_running_normalize", "check_shape_rewards",
-           "check_value_loss"]
+# ----- notebook 06 ---------------------------------------------------------------------------------
+def check_dpo_loss(fn: Callable) -> int:
+    """``fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing) -> loss`` (all
+    (B,) sequence log-probs) against beyond.dpo.dpo_loss: the value and the gradients with respect to both
+    policy log-probs."""
+    from .beyond.dpo import dpo_loss
+
+    gen = torch.Generator().manual_seed(80)
+    n = 0
+    for batch in (1, 4, 7):
+        pc, pr, rc, rr = (3.0 * _noisy((batch,), gen) - 20.0 for _ in range(4))
+        for beta, eps in ((0.1, 0.0), (0.5, 0.0), (0.1, 0.2)):
+            case = f"{batch} pairs, beta {beta}, label_smoothing {eps}"
+            mine = [pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)]
+            ref = [pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)]
+            got, (want, _) = fn(*mine, rc, rr, beta, eps), dpo_loss(*ref, rc, rr, beta, eps)
+            _close("DPO loss", got.detach(), want.detach(), case)
+            got.backward(), want.backward()
+            _close("d loss / d log pi(chosen)", mine[0].grad, ref[0].grad, case)
+            _close("d loss / d log pi(rejected)", mine[1].grad, ref[1].grad, case)
+            n += 1
+    return n
+
+
+def check_group_advantages(fn: Callable) -> int:
+    """``fn(rewards (B,), group_size, scale_by_std) -> advantages (B,)`` against beyond.grpo.group_advantages,
+    on groups with spread and on a group whose responses all scored the same."""
+    from .beyond.grpo import group_advantages
+
+    gen = torch.Generator().manual_seed(90)
+    n = 0
+    for groups, size in ((1, 8), (3, 4), (4, 2)):
+        rewards = _noisy((groups * size,), gen)
+        rewards[:size] = 0.7  # one group of equal scores: no signal
+        for scale in (True, False):
+            _close("advantages", fn(rewards.clone(), size, scale), group_advantages(rewards, size, scale).double(),
+                   f"{groups} groups of {size}, scale_by_std {scale}, rewards {[round(r, 3) for r in rewards.tolist()]}",
+                   atol=1e-5)
+            n += 1
+    return n
+
+
+def check_bon_expected(fn: Callable) -> int:
+    """``fn(scores (N,), values (N,), n) -> float``, the expected value of the RM's favourite of n samples drawn
+    without replacement from the N, against beyond.bon.bon_expected (distinct scores: no ties)."""
+    from .beyond.bon import bon_expected
+
+    rng = np.random.default_rng(100)
+    n = 0
+    for size in (3, 6, 9):
+        scores, values = rng.permutation(size) + rng.uniform(0, 0.5, size), rng.normal(0, 1, size)
+        for k in sorted({1, 2, size // 2, size}):
+            got, want = float(fn(scores.copy(), values.copy(), k)), bon_expected(scores, values, k)
+            assert abs(got - want) < 1e-9, (f"best of {k} of {size} samples: yours {got:.6f}, expected {want:.6f} "
+                                            f"(scores {np.round(scores, 3).tolist()}, values {np.round(values, 3).tolist()})")
+            n += 1
+    return n
+
+
+__all__ = ["NOT_ATTEMPTED", "attempt", "check_bon_expected", "check_dpo_loss", "check_entropy_term", "check_gae",
+           "check_global_clip", "check_group_advantages", "check_mean_ci", "check_paired_bootstrap", "check_policy_loss",
+           "check_running_normalize", "check_shape_rewards", "check_value_loss"]

@@ -77,10 +77,32 @@ def entropy_term(entropy, mask, coef, target):
     return coef * (entropy[mask.bool()].mean() - target).abs()
 
 
+def dpo_loss(pc, pr, rc, rr, beta, eps):
+    h = beta * ((pc - rc) - (pr - rr))
+    return (-(1 - eps) * torch.log(torch.sigmoid(h)) - eps * torch.log(torch.sigmoid(-h))).mean()
+
+
+def group_advantages(rewards, size, scale):
+    out = []
+    for start in range(0, len(rewards), size):
+        g = rewards[start:start + size].tolist()
+        mean, std = np.mean(g), np.std(g, ddof=1)
+        out += [(r - mean) / (std + 1e-4) if scale else r - mean for r in g]
+    return torch.tensor(out)
+
+
+def bon_expected(scores, values, n):
+    from itertools import combinations
+
+    return np.mean([values[max(s, key=lambda i: scores[i])] for s in combinations(range(len(scores)), n)])
+
+
 SOLUTIONS = [(ex.check_shape_rewards, shape_rewards), (ex.check_gae, gae), (ex.check_policy_loss, policy_loss),
              (ex.check_running_normalize, running_normalize), (ex.check_value_loss, value_loss),
              (ex.check_global_clip, global_clip), (ex.check_mean_ci, mean_ci_solution),
-             (ex.check_paired_bootstrap, paired_bootstrap), (ex.check_entropy_term, entropy_term)]
+             (ex.check_paired_bootstrap, paired_bootstrap), (ex.check_entropy_term, entropy_term),
+             (ex.check_dpo_loss, dpo_loss), (ex.check_group_advantages, group_advantages),
+             (ex.check_bon_expected, bon_expected)]
 
 
 @pytest.mark.parametrize("check, solution", SOLUTIONS, ids=[c.__name__ for c, _ in SOLUTIONS])
@@ -109,6 +131,14 @@ MISTAKES = [
                                    np.mean(vs) + 1.96 * np.std(vs, ddof=1) / np.sqrt(len(vs)))),  # normal, not t
     (ex.check_paired_bootstrap, lambda a, b, n, s: paired_bootstrap(np.random.default_rng(s).permutation(a), b, n, s)),
     (ex.check_entropy_term, lambda h, m, c, t: -c * h[m.bool()].mean()),  # the usual bonus
+    (ex.check_dpo_loss, lambda pc, pr, rc, rr, b, e: dpo_loss(pc, pr, rc, rr, b, 0.0)),  # label smoothing ignored
+    (ex.check_dpo_loss, lambda pc, pr, rc, rr, b, e: dpo_loss(pc, pr, 0 * rc, 0 * rr, b, e)),  # no reference
+    (ex.check_group_advantages, lambda r, g, s: torch.tensor(  # the population std (n, not n - 1)
+        [(x - r.view(-1, g).mean(-1)[i // g]) / ((r.view(-1, g).std(-1, correction=0)[i // g] + 1e-4) if s else 1)
+         for i, x in enumerate(r.tolist())])),
+    (ex.check_group_advantages, lambda r, g, s: (r - r.mean()) / (r.std() + 1e-4) if s else r - r.mean()),  # batch
+    (ex.check_bon_expected, lambda sc, v, n: float(v[:n][np.argmax(sc[:n])])),  # one draw, not the expectation
+    (ex.check_bon_expected, lambda sc, v, n: float(v[np.argmax(sc)])),  # always the best of all N
 ]
 
 
