@@ -255,3 +255,46 @@ def test_the_rm_hacking_rule_and_gold_at_a_kl() -> None:
     assert start_is_best.peak(0) == 1 and not start_is_best.hacked(0)
     c = run([0.0, 1.0, 0.5], [0, 0, 0])  # KL 0, 1, 2
     assert at_kl(c, 0.5) == pytest.approx(0.5) and at_kl(c, 1.5) == pytest.approx(0.75) and at_kl(c, 3) is None
+
+
+def _curves(name: str, label: str, gold, kl, reward=None, wall: float = 100.0, ref_ppl: float = 2.0):
+    """Curves of three identical seeds from one mean path (best-of-n: its progress is n)."""
+    import numpy as np
+
+    from rlhf_lite.beyond.report import Curves
+
+    k = len(gold)
+    rep = lambda x: np.array([x] * 3, dtype=float)
+    progress = np.array([1, 2, 4, 8][:k], dtype=float) if name == "bon" else np.linspace(0, 1, k)
+    return Curves(name, label, rep(kl), rep(gold), rep(reward if reward is not None else [0.0] * k),
+                  rep([10.0] * k), rep([ref_ppl] * k), progress, np.full(3, wall), np.zeros(3, dtype=bool))
+
+
+def test_the_verdict_rules_on_made_up_curves() -> None:
+    from rlhf_lite.beyond.report import findings, verdicts
+
+    def cs(dpo_gold_end: float, grpo_wall: float, bon_gold):
+        return {
+            "vanilla": _curves("vanilla", "vanilla PPO", [0.5, 0.6, -1.0], [0, 0.5, 20], [0, 1, 3], wall=200),
+            "ppo_max": _curves("ppo_max", "PPO-max", [0.5, 0.7, 0.65], [0, 0.2, 0.3], wall=220, ref_ppl=1.5),
+            "grpo": _curves("grpo", "GRPO", [0.5, 0.6, 0.0], [0, 0.4, 10], [0, 1, 3], wall=grpo_wall),
+            "grpo_no_kl": _curves("grpo_no_kl", "GRPO without KL", [0.5, 0.6, -0.5], [0, 0.4, 20], wall=grpo_wall),
+            "dpo": _curves("dpo", "DPO", [0.5, 0.55, dpo_gold_end], [0, 0.1, 15], [0, 0.5, 1], ref_ppl=100),
+            "bon": _curves("bon", "best-of-n", bon_gold, [0.0, 0.19, 0.66, 1.2], [0, 1, 2, 3]),
+        }
+
+    got = {row[0]: row[-1] for row in verdicts(cs(-0.5, 100, [0.5, 0.66, 0.6, 0.5]))}
+    assert got["Well-tuned PPO beats DPO"] == "reproduced"  # 0.65 - (-0.5) on every seed
+    assert got["DPO drifts to responses off the reference's distribution"] == "reproduced"  # KL 15 > 0.3, ppl 100 > 1.5
+    assert got["Without a critic, RL costs less"] == "reproduced"
+    assert got["Gold rises, then falls as best-of-n optimizes harder"] == "reproduced"
+    assert got["... and keeps RL's gains"] == "partly"  # GRPO's +0.1 matches vanilla's, not PPO-max's +0.2
+    # DPO's peak 0.55 is below PPO-max's 0.7 and not above vanilla's 0.6 + 0.05
+    assert got["DPO's gold-vs-KL frontier dominates PPO's (their Fig. 2, with a ground-truth reward)"] == "differs"
+    got = {row[0]: row[-1] for row in verdicts(cs(0.9, 300, [0.5, 0.6, 0.7, 0.8]))}
+    assert got["Well-tuned PPO beats DPO"] == "differs" and got["Without a critic, RL costs less"] == "differs"
+    assert got["Gold rises, then falls as best-of-n optimizes harder"] == "partly"  # it only rises
+    answers = {row[0]: row[-1] for row in findings(cs(-0.5, 100, [0.5, 0.66, 0.6, 0.5]))}
+    assert answers["Which method reaches the best gold score, and at which KL?"] == "PPO-max"
+    assert answers["Which methods hack the RM (after the gold peak, gold falls while the RM reward rises)?"] == (
+        "vanilla PPO, GRPO, DPO")

@@ -1,5 +1,6 @@
 """What notebook 06 computes from the stored sweep (:mod:`rlhf_lite.beyond.sweep`): curves over seeds, the
-results table with 95 % intervals, the RM-hacking rule and the verdicts against the published claims.
+results table with 95 % intervals, the RM-hacking rule, and the verdicts against the published claims
+(graded ``reproduced`` / ``partly`` / ``differs``, as in notebooks 03 and 04).
 
 Every figure here is read off the compact results; nothing is typed in by hand.
 """
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ppo.config import CollapseBands
+from ..results import grade
 from ..stats import Interval, mean_ci
 from .sweep import METHODS
 
@@ -152,67 +154,74 @@ def frontier_gap(a: Curves, b: Curves, points: int = 6) -> tuple[float, float, f
     return float(np.mean([at_kl(a, k) - at_kl(b, k) for k in grid])), 0.3, top
 
 
-def verdicts(cs: dict[str, Curves]) -> list[list[str]]:
-    """(question or claim, source, what our runs show, verdict) rows, each computed from the curves by a
-    stated rule: figures within :data:`TOL` count as equal; a difference of final gold scores needs its 95 %
-    interval over the seed pairs to exclude 0."""
+def findings(cs: dict[str, Curves]) -> list[list[str]]:
+    """(question, what our runs show, answer) rows for the two questions this comparison asks itself."""
     base = sft_gold(cs)
-    rows = []
     best = max(cs.values(), key=lambda c: _peak(c)[0].mean)
     g, k = _peak(best)
-    rows.append(["Which method reaches the best gold score, and at which KL?", "(this notebook)",
-                 f"{best.label}: peak {fmt(g)} at {k:.2f} nats per response (SFT model {base:.3f})", best.label])
     h = hackers(cs)
-    rows.append(["Which methods hack the RM (after the gold peak, gold falls while the RM reward rises)?",
-                 "(this notebook)", ", ".join(h) or "none", ", ".join(h) or "none"])
+    return [["Which method reaches the best gold score, and at which KL?",
+             f"{best.label}: peak {fmt(g)} at {k:.2f} nats per response (SFT model {base:.3f})", best.label],
+            ["Which methods hack the RM (after the gold peak, gold falls while the RM reward rises)?",
+             f"on most seeds: {', '.join(h) or 'none'}", ", ".join(h) or "none"]]
+
+
+FINDING_HEADER = ["question", "our runs (3 seeds, means)", "answer"]
+
+
+def verdicts(cs: dict[str, Curves]) -> list[list[str]]:
+    """(published claim, source, what our runs show, verdict) rows; each verdict is ``reproduced``, ``partly``
+    or ``differs`` (:func:`rlhf_lite.results.grade`) by a stated rule on the means over seeds: figures within
+    :data:`TOL` count as equal; a difference of final gold scores needs its 95 % interval over the seed
+    pairs to exclude 0."""
+    base = sft_gold(cs)
+    rows = []
     dpo, pmax, van, grpo, nokl, bon = (cs[n] for n in ("dpo", "ppo_max", "vanilla", "grpo", "grpo_no_kl", "bon"))
     (gd, kd), (gp, kp) = _peak(dpo), _peak(pmax)
-    dominates = gd.mean >= gp.mean - TOL and kd <= kp
     rows.append(["DPO's gold-vs-KL frontier dominates PPO's (their Fig. 2, with a ground-truth reward)",
                  "Rafailov et al. 2023", (f"peak gold: DPO {gd.mean:.3f} at KL {kd:.2f}, PPO-max {gp.mean:.3f} at "
                                           f"KL {kp:.2f}, vanilla PPO {_peak(van)[0].mean:.3f}"),
-                 "yes" if dominates else ("only vanilla PPO's" if gd.mean > _peak(van)[0].mean + TOL else "no")])
+                 grade(gd.mean >= gp.mean - TOL and kd <= kp, gd.mean > _peak(van)[0].mean + TOL)])
     diff = _ci(pmax.gold[:, -1] - dpo.gold[:, -1])
     rows.append(["Well-tuned PPO beats DPO", "Xu et al. 2024", f"final gold, PPO-max minus DPO: {fmt(diff)}",
-                 "yes" if diff.low > 0 else ("no: DPO is better" if diff.high < 0 else "not resolved by 3 seeds")])
+                 grade(diff.low > 0, diff.mean > 0)])
     ppl = lambda c: float(c.ref_ppl[:, -1].mean())
+    further, stranger = dpo.kl[:, -1].mean() > pmax.kl[:, -1].mean(), ppl(dpo) > ppl(pmax)
     rows.append(["DPO drifts to responses off the reference's distribution", "Xu et al. 2024",
                  (f"at the end, KL per response DPO {dpo.kl[:, -1].mean():.2f}, PPO-max {pmax.kl[:, -1].mean():.2f}; "
                   f"reference perplexity DPO {ppl(dpo):.1f}, PPO-max {ppl(pmax):.1f}"),
-                 "yes" if dpo.kl[:, -1].mean() > pmax.kl[:, -1].mean() and ppl(dpo) > ppl(pmax) else "no"])
+                 grade(further and stranger, further or stranger)])
     rows.append(["Without a critic, RL costs less", "Shao et al. 2024 (GRPO)",
                  f"wall time per run: GRPO {grpo.wall.mean():.0f} s, vanilla PPO {van.wall.mean():.0f} s",
-                 "yes" if grpo.wall.mean() < van.wall.mean() else "no"])
+                 grade(bool(grpo.wall.mean() < van.wall.mean()))])
     gains = {c.label: _peak(c)[0].mean - base for c in (grpo, van, pmax)}
     rows.append(["... and keeps RL's gains", "Shao et al. 2024 (GRPO)",
                  "best gold after the start, minus the SFT model's: " + ", ".join(f"{n} {v:+.3f}" for n, v in gains.items()),
-                 "yes" if gains["GRPO"] >= gains["PPO-max"] - TOL else
-                 ("as much as vanilla PPO" if gains["GRPO"] >= gains["vanilla PPO"] - TOL else "no")])
+                 grade(gains["GRPO"] >= gains["PPO-max"] - TOL, gains["GRPO"] >= gains["vanilla PPO"] - TOL)])
     bg = bon.gold.mean(0)
     i = int(np.argmax(bg))
-    turn = bg[-1] < bg[i] - TOL
     rows.append(["Gold rises, then falls as best-of-n optimizes harder", "Gao et al. 2023",
                  (f"best-of-n gold: n = 1 {bg[0]:.3f}, peak at n = {int(bon.progress[i])} {bg[i]:.3f} (KL "
                   f"{bon.kl[0, i]:.2f}), n = {int(bon.progress[-1])} {bg[-1]:.3f}"),
-                 "yes" if turn and i > 0 else ("rises only" if i > 0 else "no")])
+                 grade(i > 0 and bool(bg[-1] < bg[i] - TOL), i > 0)])
     g_bon, k_bon = float(bg[i]), float(bon.kl[0, i])
     reach = {c.label: at_kl(c, k_bon) for c in (van, pmax, grpo, nokl)}
     worse = [n for n, v in reach.items() if v is not None and v < g_bon - TOL]
     rows.append(["RL is less KL-efficient than best-of-n: less gold at the same KL", "Gao et al. 2023",
                  f"gold at best-of-n's peak KL {k_bon:.2f} (best-of-n {g_bon:.3f}): " + ", ".join(
-                     f"{n} {'-' if v is None else f'{v:.3f}'}" for n, v in reach.items()),
-                 f"yes for {', '.join(worse)}" if worse else "no"])
+                     f"{n} {'-' if v is None else f'{v:.3f}'}" for n, v in reach.items())
+                 + (f"; less for {', '.join(worse)}" if worse else ""),
+                 grade(len(worse) == len(reach), bool(worse))])
     gap, lo, hi = frontier_gap(grpo, nokl)
     rows.append(["A KL penalty does not improve the gold-vs-KL frontier (it acts like early stopping)",
                  "Gao et al. 2023", (f"GRPO minus GRPO without KL, gold at equal KL, mean over {lo:.1f}-{hi:.1f} "
                                      f"nats: {gap:+.3f}; final KL {grpo.kl[:, -1].mean():.1f} and "
                                      f"{nokl.kl[:, -1].mean():.1f}"),
-                 "yes" if abs(gap) <= TOL else ("no: the KL term's frontier is higher" if gap > 0 else
-                                                "no: the frontier without KL is higher")])
+                 grade(abs(gap) <= TOL)])
     return rows
 
 
-VERDICT_HEADER = ["question or published claim", "source", "our runs (3 seeds, means)", "verdict"]
+VERDICT_HEADER = ["published claim", "source", "our runs (3 seeds, means)", "verdict"]
 
-__all__ = ["HACK", "TABLE_HEADER", "TOL", "VERDICT_HEADER", "Curves", "all_curves", "at_kl", "curves", "fmt",
-           "frontier_gap", "hackers", "sft_gold", "table_rows", "verdicts"]
+__all__ = ["FINDING_HEADER", "HACK", "TABLE_HEADER", "TOL", "VERDICT_HEADER", "Curves", "all_curves", "at_kl", "curves",
+           "findings", "fmt", "frontier_gap", "hackers", "sft_gold", "table_rows", "verdicts"]
