@@ -298,3 +298,22 @@ def test_the_verdict_rules_on_made_up_curves() -> None:
     assert answers["Which method reaches the best gold score, and at which KL?"] == "PPO-max"
     assert answers["Which methods hack the RM (after the gold peak, gold falls while the RM reward rises)?"] == (
         "vanilla PPO, GRPO, DPO")
+
+
+def test_the_sweep_reuses_only_finished_runs_of_the_current_config(tmp_path, monkeypatch) -> None:
+    from dataclasses import replace
+
+    from rlhf_lite.beyond import sweep
+    from rlhf_lite.settings import to_dict
+    from rlhf_lite.utils import write_json
+
+    monkeypatch.setattr("rlhf_lite.notebook.RUNS", tmp_path)
+    assert not sweep.finished("vanilla", 1)  # no folder
+    folder = tmp_path / "beyond_ppo" / "vanilla_seed1"
+    folder.mkdir(parents=True)
+    write_json(folder / "summary.json", {"config": to_dict(sweep.method_config("vanilla", 1)), "interrupted": False})
+    assert sweep.finished("vanilla", 1) and not sweep.finished("vanilla", 2)
+    write_json(folder / "summary.json", {"config": to_dict(sweep.method_config("vanilla", 1)), "interrupted": True})
+    assert not sweep.finished("vanilla", 1)  # stopped by a signal: run it again
+    write_json(folder / "summary.json", {"config": to_dict(replace(sweep.method_config("vanilla", 1), gold_early_until=20))})
+    assert not sweep.finished("vanilla", 1)

@@ -124,11 +124,15 @@ def run_method(name: str, seed: int, out: Path, sft_dir: Path, rm_dir: Path) -> 
 
 
 def finished(name: str, seed: int) -> bool:
-    """Whether the run folder holds a finished run with the current config of ``name`` and ``seed``."""
+    """Whether the run folder holds a finished run with the current config of ``name`` and ``seed`` (a PPO run
+    stopped by a signal writes a summary too, marked ``interrupted``)."""
     from ..settings import to_dict
 
     path = run_dir(name, seed) / "summary.json"
-    return path.is_file() and read_json(path)["config"] == to_dict(method_config(name, seed))
+    if not path.is_file():
+        return False
+    summary = read_json(path)
+    return summary["config"] == to_dict(method_config(name, seed)) and not summary.get("interrupted")
 
 
 def _job(name: str, seed: int, threads: int) -> dict:
