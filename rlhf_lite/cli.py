@@ -349,6 +349,10 @@ def run(args: argparse.Namespace) -> None:
         for name in parse_overrides(args.set):
             if name.split(".", 1)[0] not in PARTS:
                 raise SystemExit(f"pipeline --set {name}=...: name the part ({', '.join(PARTS)}), e.g. ppo.{name}")
+    if args.command in ("sft", "rm", "ppo", "pipeline"):
+        from .tracking import check_trackers
+
+        check_trackers()  # RLHF_LITE_TRACKERS names known trackers whose packages are there
     args.func(args)
 
 

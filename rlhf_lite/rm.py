@@ -231,7 +231,7 @@ def train_rm(out_dir: str | Path, sft_dir: str | Path, cfg: RMConfig | None = No
     opt = optimizer_factory(profile.model, stack.device)(stack.adapter_parameters(REWARD), cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
     clear_out(out)  # an earlier run's files go only now, with every check passed and the model loaded
-    log = MetricsLog(out / "metrics.jsonl")
+    log = MetricsLog(out / "metrics.jsonl", stage="rm")
     order: list[int] = []
     stack.train()
     for step in progress(range(1, cfg.steps + 1), "reward model"):

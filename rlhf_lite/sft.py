@@ -208,7 +208,7 @@ def train_sft(out_dir: str | Path, cfg: SFTConfig | None = None, data_dir: str |
     demos = encode_demos(tok, [(r["prompt"], r["response"]) for r in sft_rows], max_len, truncate, system)
 
     clear_out(out)  # an earlier run's files go only now, with every check passed and the model built
-    log = MetricsLog(out / "metrics.jsonl")
+    log = MetricsLog(out / "metrics.jsonl", stage="sft")
     last_eval = {}  # phase -> its final evaluation, reused for the summary (no second sampling pass)
 
     def gold(phase: str | None = None, step: int = 0):

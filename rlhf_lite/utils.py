@@ -86,22 +86,34 @@ def read_json(path: str | Path) -> dict:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl: one JSON object per logged step, flushed as it goes."""
+    """Append-only metrics.jsonl: one JSON object per logged step, flushed as it goes; every row also goes to
+    TensorBoard (and W&B) in the same folder, tagged for ``stage`` (see :mod:`rlhf_lite.tracking`).
+    ``purge_step``: the first step a resumed log writes again (TensorBoard hides older events from there on)."""
 
-    def __init__(self, path: str | Path, append: bool = False) -> None:
+    def __init__(self, path: str | Path, append: bool = False, stage: str = "metrics",
+                 purge_step: int | None = None) -> None:
+        from .tracking import RowTracker
+
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = self.path.open("a" if append else "w")
         self.rows: list[dict] = []
+        self.tracker = RowTracker(self.path.parent, stage, fresh=not append, purge_step=purge_step)
 
     def log(self, row: dict) -> None:
         row = _clean(row)
         self.rows.append(row)
         self._fh.write(json.dumps(row, sort_keys=True) + "\n")
         self._fh.flush()
+        self.tracker.row(row)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        """A text summary (sample tables) for the trackers; metrics.jsonl keeps only rows."""
+        self.tracker.text(step, tag, text)
 
     def close(self) -> None:
         self._fh.close()
+        self.tracker.close()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

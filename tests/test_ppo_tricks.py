@@ -44,9 +44,9 @@ def test_ptx_term_is_the_lm_loss_on_sft_response_tokens_only(tmp_path, monkeypat
     seen = {}
     real = core.ptx_loss
 
-    def spy(logits, labels, loss_mask):
+    def spy(logits, labels, loss_mask, *mean):
         seen["mask"], seen["labels"] = loss_mask.clone(), labels.clone()
-        return real(logits, labels, loss_mask)
+        return real(logits, labels, loss_mask, *mean)
 
     monkeypatch.setattr(core, "ptx_loss", spy)
     t.step()
@@ -181,8 +181,8 @@ def test_first_minibatch_is_on_policy_with_the_papers_sampling(tmp_path, monkeyp
     calls = []
     real = core.policy_loss
 
-    def spy(logp, old, adv, mask, eps):
-        loss, st = real(logp, old, adv, mask, eps)
+    def spy(logp, old, adv, mask, eps, *mean):
+        loss, st = real(logp, old, adv, mask, eps, *mean)
         calls.append((logp.detach(), old, mask.bool(), st["clipfrac"].item()))
         return loss, st
 

@@ -128,14 +128,20 @@ def recover(path: str | Path) -> Path:
 
 
 def check_checkpoint(path: str | Path, cfg, provenance: dict | None = None,
-                     changeable: tuple[str, ...] = RESUME_CHANGEABLE) -> dict:
-    """Check that ``path`` holds a checkpoint that a run with config ``cfg`` (and ``provenance``) can continue;
-    return its meta.json. Every setting must match except the ``changeable`` ones; ``iterations`` may not
-    fall below the iteration reached. Reads only meta.json, so it runs before any model loads."""
+                     changeable: tuple[str, ...] = RESUME_CHANGEABLE, processes: int = 1) -> dict:
+    """Check that ``path`` holds a checkpoint that a run with config ``cfg`` (and ``provenance``) on
+    ``processes`` processes can continue; return its meta.json. Every setting must match except the
+    ``changeable`` ones; ``iterations`` may not fall below the iteration reached. Reads only meta.json, so it
+    runs before any model loads."""
     found = find_checkpoint(path)
     if found is None:
         raise FileNotFoundError(no_checkpoint(path))
     meta = read_meta(found)
+    saved_processes = meta.get("processes", 1)
+    if saved_processes != processes:  # every process has its own sampling RNG state in the checkpoint
+        raise ValueError(f"cannot resume from {path}: it was written by a run of {saved_processes} process(es), "
+                         f"this one has {processes}; resume with `accelerate launch --num_processes "
+                         f"{saved_processes}`" + (" or without accelerate" if saved_processes == 1 else ""))
     saved, wanted = meta["config"], json.loads(json.dumps(cfg.to_dict()))
     diff = differences({k: v for k, v in saved.items() if k not in changeable},
                        {k: v for k, v in wanted.items() if k not in changeable}, "in the checkpoint", "requested")
@@ -186,49 +192,26 @@ def write_meta(folder: Path, meta: dict) -> None:
 
 
 # ----- a trainer's state ------------------------------------------------------------------------------
-def save_trainer(t, path: Path) -> None:
-    """Write PPOTrainer ``t``'s state to ``path.tmp`` (meta.json last) and swap it in as ``path``."""
+def trainer_state(t) -> dict:
+    """PPOTrainer ``t``'s ``trainer.pt``: optimizer states, running statistics, RNG states, the iteration and
+    the log state."""
     import torch
 
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        retire(tmp)
-    t.stack.save_adapter("policy", tmp / "policy")
-    t.stack.save_adapter("critic", tmp / "critic")
-    torch.save({
+    return {
         "iteration": t.iteration, "policy_opt": t.policy_opt.state_dict(), "critic_opt": t.critic_opt.state_dict(),
         "reward_moments": t.reward_moments.state_dict(), "rng": t.rng.getstate(), "gen": t.gen.get_state(),
         "torch_rng": torch.get_rng_state(), "history": t.history, "samples": t.samples, "collapse": t.collapse,
         "baseline": t.baseline, "nonfinite_streak": t.nonfinite_streak, "wall_seconds": t.timer(),
-    }, tmp / "trainer.pt")
-    write_meta(tmp, {"iteration": t.iteration, "preset": t.preset, "config": t.cfg.to_dict(),
-                     "provenance": t.setup.provenance})
-    swap_in(tmp, path)
+    }
 
 
-def load_trainer(t, path: Path) -> None:
-    """Restore PPOTrainer ``t`` from the checkpoint at ``path`` (recovered first after a kill mid-swap). A
-    changed learning rate replaces the saved one; every changed field is logged as an ``event: resume`` row."""
-    import pickle
-
+def restore_state(t, state: dict) -> None:
+    """Put :func:`trainer_state`'s ``state`` back into PPOTrainer ``t`` (the learning rates are set after, by
+    :func:`load_trainer`)."""
     import torch
 
-    meta = check_checkpoint(path, t.cfg, t.setup.provenance or None)
-    found = recover(path)
-    t.stack.load_adapter("policy", found / "policy")
-    t.stack.load_adapter("critic", found / "critic")
-    try:
-        state = torch.load(found / "trainer.pt", map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{found / 'trainer.pt'} is corrupt ({str(e).splitlines()[0]})") from e
     t.policy_opt.load_state_dict(state["policy_opt"])
     t.critic_opt.load_state_dict(state["critic_opt"])
-    for opt, lr in ((t.policy_opt, t.cfg.policy_lr), (t.critic_opt, t.cfg.critic_lr)):
-        for group in opt.param_groups:
-            group["lr"] = lr
-    changed = changed_fields(meta, t.cfg)
-    if changed:
-        t.events.append({"iteration": meta["iteration"], "event": "resume", "changed": changed})
     t.reward_moments.load_state_dict(state["reward_moments"])
     t.rng.setstate(state["rng"])
     t.gen.set_state(state["gen"])
@@ -237,6 +220,47 @@ def load_trainer(t, path: Path) -> None:
     t.collapse = tuple(state["collapse"]) if state["collapse"] else None
     t.baseline, t.nonfinite_streak = state["baseline"], state["nonfinite_streak"]
     t.timer.start -= state["wall_seconds"]  # wall_seconds keep counting from the first start
+
+
+def save_trainer(t, path: Path) -> None:
+    """Write PPOTrainer ``t``'s adapters and state (``t.state_dict()``) to ``path.tmp`` (meta.json last) and
+    swap it in as ``path``."""
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        retire(tmp)
+    t.stack.save_adapter("policy", tmp / "policy")
+    t.stack.save_adapter("critic", tmp / "critic")
+    torch.save(t.state_dict(), tmp / "trainer.pt")
+    write_meta(tmp, {"iteration": t.iteration, "preset": t.preset, "config": t.cfg.to_dict(),
+                     "provenance": t.setup.provenance, "processes": t.processes})
+    swap_in(tmp, path)
+
+
+def load_trainer(t, path: Path) -> None:
+    """Restore PPOTrainer ``t`` from the checkpoint at ``path`` (recovered first after a kill mid-swap) through
+    ``t.load_state_dict``. A changed learning rate replaces the saved one; every changed field is logged as an
+    ``event: resume`` row."""
+    import pickle
+
+    import torch
+
+    meta = check_checkpoint(path, t.cfg, t.setup.provenance or None, processes=t.processes)
+    found = recover(path)
+    t.stack.load_adapter("policy", found / "policy")
+    t.stack.load_adapter("critic", found / "critic")
+    try:
+        state = torch.load(found / "trainer.pt", map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{found / 'trainer.pt'} is corrupt ({str(e).splitlines()[0]})") from e
+    t.load_state_dict(state)
+    for opt, lr in ((t.policy_opt, t.cfg.policy_lr), (t.critic_opt, t.cfg.critic_lr)):
+        for group in opt.param_groups:
+            group["lr"] = lr
+    changed = changed_fields(meta, t.cfg)
+    if changed:
+        t.events.append({"iteration": meta["iteration"], "event": "resume", "changed": changed})
 
 
 def trim_metrics(path: Path, iteration: int) -> None:
@@ -266,11 +290,13 @@ __all__ = [
     "load_trainer",
     "read_meta",
     "recover",
+    "restore_state",
     "resume_config",
     "retire",
     "save_trainer",
     "swap_in",
     "swap_steps",
+    "trainer_state",
     "trim_metrics",
     "write_meta",
 ]

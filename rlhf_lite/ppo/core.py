@@ -13,7 +13,7 @@ Zheng et al. 2023, "Secrets of RLHF in Large Language Models Part I: PPO" (arXiv
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -21,7 +21,12 @@ from torch import Tensor
 
 from .masked import _bool_mask, masked_mean, masked_sum, masked_var, masked_whiten
 
+MeanFn = Callable[[Tensor, Tensor], Tensor]
+"""``mean(x, mask)``: the token mean of a loss; :func:`masked_mean` here, the mean over every process's tokens
+in data-parallel training (:mod:`rlhf_lite.ppo.distributed`)."""
+
 __all__ = [
+    "MeanFn",
     "RunningMoments",
     "clip_grad_norm_global",
     "compute_gae",
@@ -188,7 +193,7 @@ def compute_gae(
 
 
 def policy_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float, mean: MeanFn = masked_mean
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (paper Sec. 3, Eq. L^CLIP; docs/paper.md Sec. 2), token mean over the mask.
 
@@ -197,41 +202,42 @@ def policy_loss(
       clipfrac   - fraction of masked tokens where the clipped term is strictly the larger (zero grad),
       approx_kl  - mean k3 estimate of KL(pi_old || pi): (ratio - 1) - log ratio (as in CleanRL),
       ratio_mean - mean ratio; healthy values stay near 1.
+    ``mean`` takes every token mean (see :data:`MeanFn`).
     """
     m = _bool_mask(logp, mask)
     log_ratio = torch.where(m, logp - old_logp, 0.0)  # 0 off-mask keeps exp() finite there
     ratio = log_ratio.exp()
     pg_unclipped = -advantages * ratio
     pg_clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(pg_unclipped, pg_clipped), m)
+    loss = mean(torch.maximum(pg_unclipped, pg_clipped), m)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((pg_clipped > pg_unclipped).to(ratio.dtype), m),
-            "approx_kl": masked_mean(kl_k3(old_logp, logp), m),
-            "ratio_mean": masked_mean(ratio, m),
+            "clipfrac": mean((pg_clipped > pg_unclipped).to(ratio.dtype), m),
+            "approx_kl": mean(kl_k3(old_logp, logp), m),
+            "ratio_mean": mean(ratio, m),
         }
     return loss, stats
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None, mean: MeanFn = masked_mean
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Critic loss, optionally clipped (value-loss clipping: paper Fig. 5 / Sec. 5.4; docs/paper.md Sec. 3 item 3).
 
     clip given: 0.5 * mean max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2); clip None:
     0.5 * mean (V - R)^2. Means over masked tokens; all inputs (B, T); ``values`` carries the gradient.
     Returns (0-dim loss, stats) with stats["vf_clipfrac"]: fraction of masked tokens where the clipped
-    term is strictly the larger (0 when clip is None).
+    term is strictly the larger (0 when clip is None). ``mean``: see :data:`MeanFn`.
     """
     m = _bool_mask(values, mask)
     vf_unclipped = (values - returns) ** 2
     if clip is None:
-        return 0.5 * masked_mean(vf_unclipped, m), {"vf_clipfrac": torch.zeros((), device=values.device)}
+        return 0.5 * mean(vf_unclipped, m), {"vf_clipfrac": torch.zeros((), device=values.device)}
     values_clipped = old_values + (values - old_values).clamp(-clip, clip)
     vf_clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(vf_unclipped, vf_clipped), m)
+    loss = 0.5 * mean(torch.maximum(vf_unclipped, vf_clipped), m)
     with torch.no_grad():
-        vf_clipfrac = masked_mean((vf_clipped > vf_unclipped).to(values.dtype), m)
+        vf_clipfrac = mean((vf_clipped > vf_unclipped).to(values.dtype), m)
     return loss, {"vf_clipfrac": vf_clipfrac}
 
 
@@ -330,26 +336,27 @@ def normalize_and_clip_advantages(advantages: Tensor, mask: Tensor, clip: float 
     return whitened if clip is None else whitened.clamp(-clip, clip)
 
 
-def entropy_bonus(entropy: Tensor, mask: Tensor, coef: float, target: float) -> Tensor:
+def entropy_bonus(entropy: Tensor, mask: Tensor, coef: float, target: float, mean: MeanFn = masked_mean) -> Tensor:
     """The paper's entropy term (paper Sec. 5.3.2; docs/paper.md Sec. 3): a LOSS coef * |mean_H - target|.
 
     Unlike the usual bonus -coef * H, which always pushes entropy up, this pulls the mean response
     entropy toward ``target`` from either side. entropy, mask: (B, T) -> 0-dim tensor to ADD to the loss.
+    ``mean`` must give the mean's full value (it sits inside the absolute value).
     """
-    return coef * (masked_mean(entropy, mask) - target).abs()
+    return coef * (mean(entropy, mask) - target).abs()
 
 
-def ptx_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
+def ptx_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor, mean: MeanFn = masked_mean) -> Tensor:
     """Pretraining / SFT language-model loss, PPO-max's ptx term (docs/paper.md Sec. 3 item 8; paper Sec. 5.4).
 
     Mean token cross-entropy -log p(label) over positions where ``loss_mask`` is 1 (the SFT response
     tokens). logits: (B, T, V); labels, loss_mask: (B, T). No shifting happens here: ``logits[:, t]``
     must already predict ``labels[:, t]``. Labels off the mask may be anything (e.g. -100). Returns a
-    0-dim tensor; the caller multiplies it by its ptx coefficient.
+    0-dim tensor; the caller multiplies it by its ptx coefficient. ``mean``: see :data:`MeanFn`.
     """
     m = _bool_mask(labels, loss_mask)
     safe_labels = torch.where(m, labels, 0)  # gather needs a valid index even where ignored
-    return -masked_mean(logprobs_from_logits(logits, safe_labels), m)
+    return -mean(logprobs_from_logits(logits, safe_labels), m)
 
 
 def clip_grad_norm_global(params: Iterable[Tensor], max_norm: float) -> float:

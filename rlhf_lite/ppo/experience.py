@@ -67,12 +67,41 @@ def rm_scores(stack: AdapterStack, input_ids: torch.Tensor, attention_mask: torc
     return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
 
+@dataclass
+class Scores:
+    """Phase 2 of a rollout of B rows with N response tokens: what the model passes give, per row."""
+
+    ref_logprobs: torch.Tensor  # (B, N) log pi_ref(token) at the sampling temperature, 0 off the response
+    values: torch.Tensor  # (B, N) V_old(state before token), 0 off the response
+    scores: torch.Tensor  # (B,) RM score at each sequence's last token
+
+
+@torch.no_grad()
+def score_rollout(cfg: PPOConfig, stack: AdapterStack, reward_model: AdapterStack, ro: Rollout) -> Scores:
+    """2. **score**: reference log-probs (adapters off), old values (critic), the RM score at the last token.
+    Each row's numbers depend on that row only, so processes may score their own rows
+    (:mod:`rlhf_lite.ppo.distributed`)."""
+    P, ids, att = ro.prompt_len, ro.input_ids, ro.attention_mask
+    mask = ro.response_mask[:, P:].float()
+    ref_logits = response_logits(stack, None, ids, att, P) / cfg.temperature
+    ref_logp = core.logprobs_from_logits(ref_logits, ids[:, P:]) * mask
+    values = response_values(stack, ids, att, P) * mask
+    return Scores(ref_logp, values, rm_scores(reward_model, ids, att))
+
+
 @torch.no_grad()
 def make_experience(cfg: PPOConfig, stack: AdapterStack, reward_model: AdapterStack, ro: Rollout,
                     moments: core.RunningMoments) -> tuple[Experience, dict]:
-    """Score a rollout and turn it into a training buffer, with the iteration's monitors.
+    """Score a rollout and turn it into a training buffer, with the iteration's monitors: phase 2 by
+    :func:`score_rollout`, phases 3-4 by :func:`build_experience`."""
+    return build_experience(cfg, ro, score_rollout(cfg, stack, reward_model, ro), moments)
 
-    2. **score**: reference log-probs (adapters off), old values (critic), the RM score at the last token;
+
+@torch.no_grad()
+def build_experience(cfg: PPOConfig, ro: Rollout, scored: Scores, moments: core.RunningMoments
+                     ) -> tuple[Experience, dict]:
+    """Phases 3-4 of a scored rollout, over the whole batch:
+
     3. **shape rewards**: score reparameterization of the RM score with running ``moments`` (updated here),
        then ``-eta * KL_t`` per token plus the score at the last token;
     4. **GAE**: advantages and returns over response tokens, optionally whitened and clipped.
@@ -84,10 +113,7 @@ def make_experience(cfg: PPOConfig, stack: AdapterStack, reward_model: AdapterSt
     ids, att = ro.input_ids, ro.attention_mask
     mask = ro.response_mask[:, P:].float()
     old_logp = ro.logprobs[:, P:]
-    ref_logits = response_logits(stack, None, ids, att, P) / cfg.temperature
-    ref_logp = core.logprobs_from_logits(ref_logits, ids[:, P:]) * mask
-    values = response_values(stack, ids, att, P) * mask
-    scores = rm_scores(reward_model, ids, att)
+    ref_logp, values, scores = scored.ref_logprobs, scored.values, scored.scores
     finite = bool(torch.isfinite(scores).all())
     used = core.normalize_rewards(scores, moments, cfg.reward_norm, cfg.reward_clip) if finite else scores
     kl = core.kl_k1(old_logp, ref_logp) * mask
@@ -118,4 +144,5 @@ def make_experience(cfg: PPOConfig, stack: AdapterStack, reward_model: AdapterSt
     return exp, stats
 
 
-__all__ = ["Experience", "make_experience", "response_logits", "response_values", "rm_scores"]
+__all__ = ["Experience", "Scores", "build_experience", "make_experience", "response_logits", "response_values",
+           "rm_scores", "score_rollout"]

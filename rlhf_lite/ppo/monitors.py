@@ -60,4 +60,25 @@ def detect_collapse(history: Sequence[dict], bands: CollapseBands) -> tuple[int,
     return None
 
 
-__all__ = ["detect_collapse", "repeated_trigram_fraction"]
+def run_figures(history: Sequence[dict], baseline: dict, collapse: tuple[int, str] | None) -> dict:
+    """The headline figures of a run's summary: reward, gold score (``baseline``: the iteration-0 row),
+    KL, length and repetition at the start and the end, and the collapse detector's verdict."""
+    h = history
+    golds = [baseline.get("gold_score")] + [r["gold_score"] for r in h if "gold_score" in r]
+    golds = [g for g in golds if g is not None] or [None]
+    last = h[-1] if h else {}
+    return {
+        "initial_reward": h[0]["reward"] if h else None, "final_reward": last.get("reward"),
+        "initial_gold_score": golds[0], "peak_gold_score": max(golds) if golds[0] is not None else None,
+        "final_gold_score": golds[-1], "final_kl": last.get("kl_per_token"),
+        "final_kl_per_sequence": last.get("kl_per_sequence"),
+        "initial_response_length": h[0]["response_length"] if h else None,
+        "final_response_length": last.get("response_length"),
+        "final_repetition_fraction": last.get("repetition_fraction"),
+        "collapse_detected": collapse is not None,
+        "collapse_iteration": collapse[0] if collapse else None,
+        "collapse_reason": collapse[1] if collapse else None,
+    }
+
+
+__all__ = ["detect_collapse", "repeated_trigram_fraction", "run_figures"]

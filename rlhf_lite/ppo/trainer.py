@@ -26,19 +26,17 @@ import random
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..batching import pad_batch
-from ..evaluation import GoldJudge, evaluate_gold
+from ..evaluation import GoldEval, evaluate_gold
 from ..generation import Rollout, decode_responses, encode_prompts, sample
-from ..loading import OptimizerFactory, make_optimizer
-from ..models import AdapterStack
 from ..parallel import Workers
 from ..text import Prompt
+from ..tracking import samples_markdown
 from ..utils import (
     DivergedError,
     MetricsLog,
@@ -49,41 +47,17 @@ from ..utils import (
     write_json,
 )
 from . import core
-from .checkpoint import load_trainer, save_trainer, trim_metrics
+from .checkpoint import load_trainer, restore_state, save_trainer, trainer_state, trim_metrics
 from .config import PPOConfig
 from .experience import Experience, make_experience, response_logits, response_values
 from .guard import Snapshot, nonfinite
-from .monitors import detect_collapse, repeated_trigram_fraction
+from .monitors import detect_collapse, repeated_trigram_fraction, run_figures
+from .run_setup import PPOSetup
 
 
 class NonFiniteError(DivergedError):
     """``cfg.max_nonfinite`` consecutive iterations skipped their update on NaN or inf; a checkpoint of the
     run (before any non-finite value reached the weights) was saved, and the message names it."""
-
-
-@dataclass
-class PPOSetup:
-    """Everything a run needs besides its config."""
-
-    stack: AdapterStack
-    """One base with ``policy``, ``critic`` and ``reward`` adapters (the reward adapter already trained)."""
-    tokenizer: object
-    train_prompts: list[Prompt]
-    test_prompts: list[Prompt]
-    sft_examples: list[tuple[list[int], list[int]]] = field(default_factory=list)
-    """(ids, response mask) demonstrations of the ptx term (PPO-max #8)."""
-    rm_stack: AdapterStack | None = None
-    """Where the RM lives when it is not on ``stack`` (a policy from the pretrained model)."""
-    judge: GoldJudge | None = None
-    """The oracle, logged and never trained on; None (real data such as HH-RLHF): no gold metrics."""
-    make_optimizer: OptimizerFactory = make_optimizer
-    """``factory(params, lr, betas)``: torch AdamW on the CPU, 8-bit paged AdamW on CUDA profiles."""
-    provenance: dict = field(default_factory=dict)
-    """Fingerprints of the SFT model, the RM and the data; stored in checkpoints and the summary."""
-
-    @property
-    def reward_model(self) -> AdapterStack:
-        return self.rm_stack if self.rm_stack is not None else self.stack
 
 
 def backward(loss_fn, mb: dict[str, torch.Tensor], prompt_len: int) -> tuple[float, dict]:
@@ -95,6 +69,12 @@ def backward(loss_fn, mb: dict[str, torch.Tensor], prompt_len: int) -> tuple[flo
 
 class PPOTrainer:
     """Runs PPO iterations over a :class:`PPOSetup`, logging to ``out_dir``."""
+
+    token_mean = staticmethod(core.masked_mean)
+    """Token mean of every loss term and stat (:class:`~rlhf_lite.ppo.distributed.DistributedPPOTrainer`: this
+    process's share of the mean over every process's tokens)."""
+    global_mean = staticmethod(core.masked_mean)
+    """A token mean whose full value the loss needs (the entropy term's |mean - target|)."""
 
     def __init__(self, cfg: PPOConfig, setup: PPOSetup, out_dir: str | Path, preset: str = "custom",
                  workers: int | None = None) -> None:
@@ -140,6 +120,11 @@ class PPOTrainer:
             return sample(policy, ids, att, self.cfg.max_new_tokens, self.tok.eos_token_id,
                           self.tok.pad_token_id, self.cfg.temperature, self.cfg.top_p, self.gen)
 
+    def collect(self, prompts: Sequence[Prompt]) -> tuple[Rollout, Experience, dict]:
+        """Phases 1-4: the rollout, its experience buffer and the buffer's monitors."""
+        ro = self.rollout(prompts)
+        return ro, *make_experience(self.cfg, self.stack, self.setup.reward_model, ro, self.reward_moments)
+
     # --- phase 5: update ---
     def policy_step_loss(self, mb: dict[str, torch.Tensor], P: int) -> tuple[torch.Tensor, dict]:
         """Clipped surrogate (+ entropy term, + ptx loss) of one minibatch."""
@@ -147,25 +132,32 @@ class PPOTrainer:
         logits = response_logits(self.stack, "policy", mb["input_ids"], mb["attention_mask"], P) / cfg.temperature
         labels = mb["input_ids"][:, P:]
         logp = core.logprobs_from_logits(logits, labels)
-        loss, st = core.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mb["mask"], cfg.clip_eps)
+        loss, st = core.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mb["mask"], cfg.clip_eps,
+                                    self.token_mean)
         stats = {"pg_loss": loss.item(), "clipfrac": st["clipfrac"].item(), "approx_kl": st["approx_kl"].item()}
         entropy = core.entropy_from_logits(logits.detach() if not cfg.entropy_coef else logits)
-        stats["entropy"] = core.masked_mean(entropy.detach(), mb["mask"]).item()
+        stats["entropy"] = self.token_mean(entropy.detach(), mb["mask"]).item()
         if cfg.entropy_coef:
-            loss = loss + core.entropy_bonus(entropy, mb["mask"], cfg.entropy_coef, cfg.entropy_target)
+            loss = loss + core.entropy_bonus(entropy, mb["mask"], cfg.entropy_coef, cfg.entropy_target,
+                                             self.global_mean)
         if cfg.ptx_coef and self.setup.sft_examples:
-            batch = self.rng.sample(self.setup.sft_examples, min(len(self.setup.sft_examples), labels.shape[0]))
-            ids, att, lm = (t.to(self.device) for t in pad_batch([b[0] for b in batch], [b[1] for b in batch],
-                                                                 self.tok.pad_token_id))
-            ptx = core.ptx_loss(self.stack.logits("policy", ids, att)[:, :-1], ids[:, 1:], lm[:, 1:])
+            ids, att, lm = self.ptx_batch(labels.shape[0])
+            ptx = core.ptx_loss(self.stack.logits("policy", ids, att)[:, :-1], ids[:, 1:], lm[:, 1:], self.token_mean)
             loss = loss + cfg.ptx_coef * ptx
             stats["ptx_loss"] = ptx.item()
         return loss, stats
 
+    def ptx_batch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``rows`` random SFT demonstrations (at most all of them), padded: ids, attention and loss masks."""
+        batch = self.rng.sample(self.setup.sft_examples, min(len(self.setup.sft_examples), rows))
+        return tuple(t.to(self.device) for t in pad_batch([b[0] for b in batch], [b[1] for b in batch],
+                                                          self.tok.pad_token_id))
+
     def critic_step_loss(self, mb: dict[str, torch.Tensor], P: int) -> tuple[torch.Tensor, dict]:
         """(Clipped) value loss of one minibatch."""
         values = response_values(self.stack, mb["input_ids"], mb["attention_mask"], P)
-        loss, st = core.value_loss(values, mb["old_values"], mb["returns"], mb["mask"], self.cfg.value_clip)
+        loss, st = core.value_loss(values, mb["old_values"], mb["returns"], mb["mask"], self.cfg.value_clip,
+                                   self.token_mean)
         return loss, {"value_loss": loss.item(), "vf_clipfrac": st["vf_clipfrac"].item()}
 
     def losses_backward(self, mb: dict[str, torch.Tensor], P: int, train_policy: bool) -> tuple[dict, dict]:
@@ -231,8 +223,7 @@ class PPOTrainer:
         cfg = self.cfg
         self.iteration += 1
         prompts = self.rng.sample(self.setup.train_prompts, cfg.rollout_batch)
-        ro = self.rollout(prompts)
-        exp, stats = make_experience(cfg, self.stack, self.setup.reward_model, ro, self.reward_moments)
+        ro, exp, stats = self.collect(prompts)
         texts = decode_responses(self.tok, ro)
         judge = self.setup.judge
         gold = [judge.score(p.raw, t, f) for p, t, f in zip(prompts, texts, ro.finished.tolist())] if judge else []
@@ -257,11 +248,15 @@ class PPOTrainer:
         """The common gold measurement on the test prompts ({} when there is no gold judge)."""
         if self.setup.judge is None:
             return {}
-        with torch.no_grad(), self.stack.causal_lm("policy") as policy:
-            ev = evaluate_gold(policy, self.tok, self.setup.test_prompts, self.cfg.max_new_tokens, self.setup.judge,
-                               device=self.device)
+        ev = self.evaluate_policy(self.setup.test_prompts)
         return {"gold_score": ev.score, "eval_response_length": float(np.mean(ev.lengths)),
                 **{f"gold/{k}": v for k, v in ev.by_category.items()}}
+
+    def evaluate_policy(self, prompts: Sequence[Prompt], **kwargs) -> GoldEval:
+        """:func:`~rlhf_lite.evaluation.evaluate_gold` of the current policy on ``prompts``."""
+        with torch.no_grad(), self.stack.causal_lm("policy") as policy:
+            return evaluate_gold(policy, self.tok, prompts, self.cfg.max_new_tokens, self.setup.judge,
+                                 device=self.device, **kwargs)
 
     def _samples(self, prompts: Sequence[Prompt], texts, gold, exp, k: int = 4) -> list[dict]:
         scores = exp.rewards.sum(-1).tolist()
@@ -279,9 +274,7 @@ class PPOTrainer:
         consecutive iterations with a skipped update.
         """
         resumed = self.baseline is not None
-        if resumed:
-            trim_metrics(self.out / "metrics.jsonl", self.iteration)
-        log = MetricsLog(self.out / "metrics.jsonl", append=resumed)
+        log = self.open_log(resumed)
         if not resumed:
             self.baseline = self.gold_eval()  # the starting policy (SFT), same measurement as every stage
             log.log({"iteration": 0, **self.baseline})
@@ -299,7 +292,7 @@ class PPOTrainer:
             with stop_on_signals(request_stop):
                 bar = progress(range(self.iteration, self.cfg.iterations), f"PPO {self.preset}")
                 for _ in bar:
-                    if self.stop_requested:
+                    if self.should_stop():
                         break
                     row = self.step()
                     self._after_step(row, log)
@@ -313,10 +306,24 @@ class PPOTrainer:
             self.save_checkpoint(self.out / "checkpoint")
         return self.finish(interrupted=aborted or self.stop_requested)
 
+    def open_log(self, resumed: bool) -> MetricsLog:
+        """metrics.jsonl (and its event files), continued after the checkpoint's iteration when ``resumed``."""
+        if resumed:
+            trim_metrics(self.out / "metrics.jsonl", self.iteration)
+        return MetricsLog(self.out / "metrics.jsonl", append=resumed, stage="ppo",
+                          purge_step=self.iteration + 1 if resumed else None)
+
+    def should_stop(self) -> bool:
+        """Whether Ctrl-C or SIGTERM asked to stop (checked between iterations)."""
+        return self.stop_requested
+
     def _after_step(self, row: dict, log: MetricsLog) -> None:
         """Log an iteration, run the collapse detector, stop on non-finite streaks, checkpoint periodically."""
         self.history.append(row)
         log.log(row)
+        if self.samples and self.samples[-1]["iteration"] == self.iteration:
+            log.text(self.iteration, "samples/ppo", samples_markdown([s for s in self.samples
+                                                                      if s["iteration"] == self.iteration]))
         for event in self.events:
             log.log(event)
         self.events.clear()
@@ -352,37 +359,35 @@ class PPOTrainer:
         return summary
 
     def summary(self, baseline: dict, interrupted: bool = False) -> dict:
-        h = self.history
-        golds = [baseline.get("gold_score")] + [r["gold_score"] for r in h if "gold_score" in r]
-        golds = [g for g in golds if g is not None] or [None]
-        last = h[-1] if h else {}
         return {
             "stage": "ppo", "preset": self.preset, "config": self.cfg.to_dict(), "provenance": self.setup.provenance,
             "iterations": self.iteration, "interrupted": interrupted,
-            "initial_reward": h[0]["reward"] if h else None, "final_reward": last.get("reward"),
-            "initial_gold_score": golds[0], "peak_gold_score": max(golds) if golds[0] is not None else None,
-            "final_gold_score": golds[-1], "final_kl": last.get("kl_per_token"),
-            "final_kl_per_sequence": last.get("kl_per_sequence"),
-            "initial_response_length": h[0]["response_length"] if h else None,
-            "final_response_length": last.get("response_length"),
-            "final_repetition_fraction": last.get("repetition_fraction"),
-            "collapse_detected": self.collapse is not None,
-            "collapse_iteration": self.collapse[0] if self.collapse else None,
-            "collapse_reason": self.collapse[1] if self.collapse else None,
-            "wall_seconds": self.timer(),
+            **run_figures(self.history, baseline, self.collapse), "wall_seconds": self.timer(),
         }
 
     # --- checkpoints ---
+    processes = 1
+    """Processes of the run (:class:`~rlhf_lite.ppo.distributed.DistributedPPOTrainer`: more than one); a
+    checkpoint resumes only with as many."""
+
     def save_checkpoint(self, path: str | Path) -> None:
         """Adapters, optimizer states, running statistics, RNG states, the iteration and the log state, written
         aside and swapped in durably (:func:`~rlhf_lite.ppo.checkpoint.save_trainer`)."""
         save_trainer(self, Path(path))
+
+    def state_dict(self) -> dict:
+        """What ``trainer.pt`` holds besides the adapters (:func:`~rlhf_lite.ppo.checkpoint.trainer_state`)."""
+        return trainer_state(self)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore what :meth:`save_checkpoint` wrote, so that :meth:`train` continues the run exactly: on the
         CPU, the same metrics as a run that never stopped. The checkpoint's config must equal this trainer's
         except the fields a resume may change (:func:`~rlhf_lite.ppo.checkpoint.load_trainer`)."""
         load_trainer(self, Path(path))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (:func:`~rlhf_lite.ppo.checkpoint.restore_state`)."""
+        restore_state(self, state)
 
 
 __all__ = ["NonFiniteError", "PPOSetup", "PPOTrainer", "backward"]
