@@ -35,6 +35,7 @@ from .provenance import sft_provenance
 from .settings import check_common, fits_data, positive, require, to_dict, warn_setting
 from .stage import begin_stage, eval_prompts, gold_judge_for
 from .text import encode_pair_texts, model_prompt
+from .tracking import samples_markdown
 from .utils import DATA_DIR, DivergedError, MetricsLog, progress, seed_everything, write_json
 from .validate import check_stage_data
 
@@ -241,6 +242,8 @@ def train_sft(out_dir: str | Path, cfg: SFTConfig | None = None, data_dir: str |
     after = last_eval.get("sft") or gold()
     trainable = sum(p.numel() for p in sm.params)
     save_sft_model(sm, profile, out)
+    if after is not None:  # the final model's samples, as text beside the curves
+        log.text(cfg.pretrain_steps + cfg.sft_steps, "samples/sft", samples_markdown(after.samples(8)))
     log.close()
 
     summary = {

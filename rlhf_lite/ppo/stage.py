@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import data as data_mod
+from ..distributed import init, place
 from ..loading import load_base, optimizer_factory
 from ..models import AdapterStack
 from ..outdir import check_out, clear_out
@@ -22,7 +23,8 @@ from ..stage import SFTRun
 from ..utils import DATA_DIR, seed_everything
 from .checkpoint import check_checkpoint
 from .config import PPOConfig
-from .trainer import PPOSetup, PPOTrainer
+from .distributed import check_config, make_trainer
+from .trainer import PPOSetup
 
 
 def ppo_provenance(cfg: PPOConfig, sft: SFTRun, rm_dir: Path, data_dir: Path, profile) -> dict:
@@ -74,19 +76,25 @@ def run_ppo(out_dir: str | Path, sft_dir: str | Path, rm_dir: str | Path, cfg: P
     :meth:`~rlhf_lite.ppo.trainer.PPOTrainer.load_checkpoint`); its config and provenance must match except
     the fields a resume may change. Otherwise ``out_dir`` must be empty or, with ``overwrite``, hold a run
     of this project, whose files are deleted once the models have loaded. Settings, folders and data are all
-    checked before any model is loaded.
+    checked before any model is loaded. Under ``accelerate launch`` with several processes the run is data
+    parallel (:mod:`rlhf_lite.ppo.distributed`): every process checks, rank 0 clears and writes.
     """
+    from ..profiles import TINY
+
     cfg.validate()
+    dist = init()  # the processes `accelerate launch` started (one without it)
+    check_config(cfg, dist.world)
     out, ckpt = Path(out_dir), Path(out_dir) / "checkpoint"
     if resume:
-        check_checkpoint(ckpt, cfg)
+        check_checkpoint(ckpt, cfg, processes=dist.world)
     else:
         check_out(out, overwrite, resumable=True)
-    check = (lambda prov: check_checkpoint(ckpt, cfg, prov)) if resume else None
-    setup = build_setup(cfg, sft_dir, rm_dir, data_dir, profile, before_load=check)
-    if not resume:
+    check = (lambda prov: check_checkpoint(ckpt, cfg, prov, processes=dist.world)) if resume else None
+    setup = build_setup(cfg, sft_dir, rm_dir, data_dir, place(profile or TINY, dist), before_load=check)
+    if not resume and dist.is_main:
         clear_out(out)  # the old run's files go only now, with every check passed and the models loaded
-    trainer = PPOTrainer(cfg, setup, out, preset)
+    dist.barrier()
+    trainer = make_trainer(cfg, setup, out, preset, dist)
     if resume:
         trainer.load_checkpoint(ckpt)
     return trainer.train()

@@ -200,7 +200,7 @@ class PPOTrainer:
                 if train_policy:
                     self.policy_opt.step()
                 self.critic_opt.step()
-                bad = nonfinite({"policy": self.policy_params, "critic": self.critic_params})
+                bad = self.nonfinite_weights()
                 if bad:  # finite inputs, non-finite weights: roll the whole update back
                     snapshot.restore()
                     self.skip_step(f"{' and '.join(bad)} weights after the step of epoch {epoch}, minibatch {i} "
@@ -209,6 +209,10 @@ class PPOTrainer:
                 for k, v in stats.items():
                     agg.setdefault(k, []).append(v)
         return {**{k: float(np.mean(v)) for k, v in agg.items()}, "skipped_updates": skipped}
+
+    def nonfinite_weights(self) -> list[str]:
+        """The adapters ("policy", "critic") holding a non-finite weight after a step (see guard.py)."""
+        return nonfinite({"policy": self.policy_params, "critic": self.critic_params})
 
     def skip_step(self, what: str) -> None:
         """Record a skipped optimizer step: a warning now, an event row logged after this iteration's row."""
