@@ -349,6 +349,11 @@ def run(args: argparse.Namespace) -> None:
         for name in parse_overrides(args.set):
             if name.split(".", 1)[0] not in PARTS:
                 raise SystemExit(f"pipeline --set {name}=...: name the part ({', '.join(PARTS)}), e.g. ppo.{name}")
+    from .distributed import launched_world
+
+    if args.command != "ppo" and launched_world() > 1:
+        raise ValueError(f"{args.command} runs in one process: only the ppo stage is data parallel (start the "
+                         "other commands without accelerate launch)")
     if args.command in ("sft", "rm", "ppo", "pipeline"):
         from .tracking import check_trackers
 

@@ -10,6 +10,8 @@ minibatch updates and the logged monitors.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,11 +22,14 @@ import torch.multiprocessing as mp
 
 from rlhf_lite.distributed import Dist, current
 from rlhf_lite.evaluation import EVAL_SEED, evaluate_gold
+from rlhf_lite.models import AdapterStack, build_tiny_model
 from rlhf_lite.ppo.distributed import DistributedPPOTrainer, check_config, merge_rollouts
 from rlhf_lite.ppo.experience import Scores
 from rlhf_lite.ppo.trainer import PPOTrainer
-from rlhf_lite.utils import read_json, read_metrics
-from tests.test_robustness import CFG, numeric_rows, tiny_setup
+from rlhf_lite.stage import model_fingerprint
+from rlhf_lite.utils import REPO_ROOT, read_json, read_metrics, write_json
+from tests.conftest import EOS, PAD, SMALL, SMALL_LORA
+from tests.test_robustness import CFG, TOK, _write_sft, numeric_rows, tiny_setup
 
 # every trick that reduces over the batch: reward moments, advantage whitening, the entropy term (a mean inside
 # an absolute value), the ptx batch, global clipping; minibatches of 4 rows, 2 per process
@@ -188,3 +193,56 @@ def test_settings_that_cannot_be_split_fail_first() -> None:
     check_config(DCFG, 2, ptx_examples=8)
     with pytest.raises(ValueError, match="needs a Dist of two or more"):
         DistributedPPOTrainer(DCFG, tiny_setup(), "unused", dist=Dist())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_launch_runs_the_ppo_stage_on_two_cpu_processes(tmp_path: Path) -> None:
+    """The README's command, `accelerate launch ... -m rlhf_lite ppo` on two CPU processes, writes one run (rank 0's
+    files, with TensorBoard events) and refuses a resume by one process (the exact resume of a distributed run is
+    test_every_rank_holds_the_same_weights_and_resume_is_exact)."""
+    sft, rm, out = tmp_path / "sft", tmp_path / "rm", tmp_path / "run"
+    _write_sft(sft, 0)
+    AdapterStack(build_tiny_model(len(TOK), PAD, EOS, SMALL, 0), ["reward"], SMALL_LORA).save_adapter(
+        "reward", rm / "reward")
+    write_json(rm / "summary.json", {"provenance": {"sft_model": model_fingerprint(sft / "model")}})
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "RLHF_LITE_PROGRESS": "0",
+           "RLHF_LITE_TRACKERS": "tensorboard"}
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    ppo = ["-m", "rlhf_lite", "ppo", "--sft", str(sft), "--rm", str(rm), "--preset", "ppo_max", "--rollout-batch",
+           "8", "--minibatch-size", "4", "--max-new-tokens", "6", "--lora.r", "4", "--lora.alpha", "8",
+           "--critic-pretrain-iterations", "0"]
+
+    def run(cmd: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=600)
+
+    first = run([*launch, "--main_process_port", str(_free_port()), *ppo, "--out", str(out), "--iterations", "2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("PPO ppo_max (tiny) done") == 1  # printed by rank 0 only
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [0, 1, 2]  # logged once, not once per process
+    assert read_json(out / "summary.json")["processes"] == 2
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1
+    refused = run([sys.executable, *ppo, "--resume", str(out), "--iterations", "3"])
+    assert refused.returncode == 2 and "written by a run of 2 process(es), this one has 1" in refused.stderr
+
+
+def test_what_a_launch_cannot_do_fails_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    from rlhf_lite import cli
+    from rlhf_lite.distributed import init
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sft", "--out", str(tmp_path / "sft")])
+    assert e.value.code == 2 and "sft runs in one process: only the ppo stage is data parallel" in capsys.readouterr().err
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match=r"accelerate launch with FSDP \(ACCELERATE_USE_FSDP=true\)"):
+        init()
+    assert not (tmp_path / "sft").exists()
