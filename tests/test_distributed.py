@@ -204,9 +204,9 @@ def _free_port() -> int:
 
 
 def test_accelerate_launch_runs_the_ppo_stage_on_two_cpu_processes(tmp_path: Path) -> None:
-    """The README's command, `accelerate launch ... -m rlhf_lite ppo` on two CPU processes, writes one run (rank 0's
-    files, with TensorBoard events) and refuses a resume by one process (the exact resume of a distributed run is
-    test_every_rank_holds_the_same_weights_and_resume_is_exact)."""
+    """The README's command, `accelerate launch --config_file configs/accelerate/data_parallel.yaml -m rlhf_lite ppo`
+    on two CPU processes, writes one run (rank 0's files, with TensorBoard events) and refuses a resume by one
+    process (the exact resume of a distributed run: test_every_rank_holds_the_same_weights_and_resume_is_exact)."""
     sft, rm, out = tmp_path / "sft", tmp_path / "rm", tmp_path / "run"
     _write_sft(sft, 0)
     AdapterStack(build_tiny_model(len(TOK), PAD, EOS, SMALL, 0), ["reward"], SMALL_LORA).save_adapter(
@@ -214,8 +214,8 @@ def test_accelerate_launch_runs_the_ppo_stage_on_two_cpu_processes(tmp_path: Pat
     write_json(rm / "summary.json", {"provenance": {"sft_model": model_fingerprint(sft / "model")}})
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "RLHF_LITE_PROGRESS": "0",
            "RLHF_LITE_TRACKERS": "tensorboard"}
-    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+              str(REPO_ROOT / "configs/accelerate/data_parallel.yaml"), "--num_processes", "2"]
     ppo = ["-m", "rlhf_lite", "ppo", "--sft", str(sft), "--rm", str(rm), "--preset", "ppo_max", "--rollout-batch",
            "8", "--minibatch-size", "4", "--max-new-tokens", "6", "--lora.r", "4", "--lora.alpha", "8",
            "--critic-pretrain-iterations", "0"]
