@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..batching import pad_batch
 from ..distributed import Dist, all_reduce_grads
 from ..evaluation import EVAL_SEED, GoldEval
 from ..generation import Rollout
@@ -138,8 +139,6 @@ class DistributedPPOTrainer(PPOTrainer):
 
     def ptx_batch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This process's share of the global ptx batch (as many demonstrations as a global minibatch has rows)."""
-        from ..batching import pad_batch
-
         batch = self.rng.sample(self.setup.sft_examples, min(len(self.setup.sft_examples), self.cfg.minibatch_size))
         batch = batch[self.dist.shard(len(batch))]
         return tuple(t.to(self.device) for t in pad_batch([b[0] for b in batch], [b[1] for b in batch],
