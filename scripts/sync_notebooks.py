@@ -77,9 +77,11 @@ def colab_link(url: str, notebook: str) -> str:
 def setup_cell(url: str, requirements: list[str], gpu_profile: str) -> str:
     """The source of the set-up cell."""
     listed = "".join(f"    {json.dumps(r)},\n" for r in requirements)
+    pick = (f"{gpu_profile} on a GPU, else tiny" if gpu_profile != "tiny"
+            else "tiny (this notebook asks Colab for no GPU)")
     return f'''{MARKER} (edit that script, not this cell).
 # On Colab: install what Colab lacks at requirements.txt's pins (torch stays Colab's CUDA build), then this
-# repository. Anywhere else nothing is installed. Then pick the profile: {gpu_profile} on a GPU, else tiny.
+# repository. Anywhere else nothing is installed. Then pick the profile: {pick}.
 import importlib.metadata
 import importlib.util
 import os
