@@ -18,11 +18,13 @@ from pathlib import Path
 
 RUN_FOLDERS = frozenset({
     "model", "pretrained", "sft_adapter", "reward", "policy", "critic", "checkpoint", "checkpoint.tmp",
-    "checkpoint.old", "sft", "rm", "vanilla", "ppo_max", "tensorboard", "tb"})
-"""Folders a stage writes (the pipeline's stage folders included)."""
+    "checkpoint.old", "sft", "rm", "vanilla", "ppo_max", "tensorboard", "tb", "wandb"})
+"""Folders a stage writes (the pipeline's stage folders included; ``wandb``: W&B's local files, see
+:mod:`rlhf_lite.tracking`)."""
 RUN_SUFFIXES = (".json", ".jsonl", ".png", ".npz", ".safetensors", ".bin", ".jinja", ".pt")
-RUN_FILES = frozenset({"report.md", "README.md", "merges.txt", "tokenizer.model", ".lock"})
-"""Files written by a stage, ``data`` (README.md is its data card) or ``export`` (a model folder)."""
+RUN_FILES = frozenset({"report.md", "README.md", "merges.txt", "tokenizer.model", ".lock", "wandb_run_id"})
+"""Files written by a stage, ``data`` (README.md is its data card) or ``export`` (a model folder); a stage's
+trackers also write TensorBoard event files and ``wandb_run_id``."""
 IGNORED = frozenset({".lock"})  # the notebooks' stage lock: not a run
 
 
