@@ -11,8 +11,9 @@ one scalar whose tag ends in the row's own key (:func:`tag_for`, the mapping doc
   finished and repetition fractions;
 * ``ppo/``, ``rm/``: everything else of a PPO or RM row (reward, losses, clip fractions, accuracies...);
 * an SFT row's phase (``pretrain/``, ``sft/``): its loss and learning rate;
-* ``events/<event>`` (text): event rows (a skipped non-finite step, a detected collapse); strings of a
-  row go in as text too, and so do sample tables (``samples/...``).
+* ``events/<event>`` (text): event rows (a skipped non-finite step or rolled-back update, a detected
+  collapse, the settings a resume changed, as JSON); strings of a row go in as text too, and so do sample
+  tables (``samples/...``).
 
 The step is the row's ``iteration`` (PPO) or ``step`` (SFT, RM). Scalars are written in double precision,
 so the event files hold exactly the values of metrics.jsonl. Which trackers run is the environment
@@ -24,6 +25,7 @@ package the default prints one line and metrics.jsonl is written as always.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -57,7 +59,8 @@ def split_row(row: dict, stage: str) -> tuple[int | None, dict[str, float], dict
     """A metrics row as (step, {tag: number}, {tag: text}); booleans count as 0/1, None (NaN) is left out."""
     step = next((row[k] for k in STEP_KEYS if isinstance(row.get(k), int)), None)
     if "event" in row:
-        text = "; ".join(f"{k}: {v}" for k, v in row.items() if k not in ("event", *STEP_KEYS))
+        text = "; ".join(f"{k}: {v if isinstance(v, str) else json.dumps(v, sort_keys=True)}"
+                         for k, v in row.items() if k not in ("event", *STEP_KEYS))
         return step, {}, {f"events/{row['event']}": text or str(row["event"])}
     group = row.get(GROUP_KEY) if isinstance(row.get(GROUP_KEY), str) else None
     scalars, texts = {}, {}

@@ -3,6 +3,7 @@ of rlhf_lite.tracking, and a resumed run's events read back as its trimmed metri
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from dataclasses import replace
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_lite import tracking
+from rlhf_lite.outdir import check_out, clear_out, is_ours
 from rlhf_lite.ppo.trainer import PPOTrainer
 from rlhf_lite.utils import MetricsLog, read_metrics
 from tests.test_robustness import CFG, tiny_setup
@@ -79,8 +81,9 @@ def test_a_ppo_run_writes_events_equal_to_its_metrics(tmp_path: Path) -> None:
 
 
 def test_a_resumed_run_hides_the_events_it_logs_again(tmp_path: Path, monkeypatch) -> None:
-    """A run killed after iteration 3 with its checkpoint at 2 resumes from 2: metrics.jsonl drops row 3 and
-    TensorBoard's reader drops the first process's events from step 3 on, so each step is there once."""
+    """A run killed after iteration 3 with its checkpoint at 2 resumes from 2 with a halved policy learning
+    rate: metrics.jsonl drops row 3 and TensorBoard's reader drops the first process's events from step 3 on,
+    so each step is there once, with the resumed process's values; the change is a resume event at step 2."""
     cfg = replace(RUN_CFG, checkpoint_every=2)
     first = PPOTrainer(cfg, tiny_setup(), tmp_path / "run")
     after_step = first._after_step
@@ -96,16 +99,21 @@ def test_a_resumed_run_hides_the_events_it_logs_again(tmp_path: Path, monkeypatc
     scalars, _ = read_events(tmp_path / "run")
     assert [s for s, _ in scalars["ppo/pg_loss"]] == [1, 2, 3]
 
-    second = PPOTrainer(cfg, tiny_setup(), tmp_path / "run")
+    first_three = dict(scalars["ppo/pg_loss"])[3]
+    second = PPOTrainer(replace(cfg, policy_lr=cfg.policy_lr / 2), tiny_setup(), tmp_path / "run")
     second.load_checkpoint(tmp_path / "run/checkpoint")
     assert second.iteration == 2
     second.train()
     rows = read_metrics(tmp_path / "run/metrics.jsonl")
-    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert [r["iteration"] for r in rows if "event" not in r] == [0, 1, 2, 3]
     scalars, texts = read_events(tmp_path / "run")
     assert len(list((tmp_path / "run").glob(tracking.EVENT_GLOB))) == 2  # one file per process
     assert scalars == expected_scalars(rows)  # step 3 once, not twice
+    assert dict(scalars["ppo/pg_loss"])[3] != first_three  # the resumed process's value, at the new rate
     assert [s for s, _ in texts["samples/ppo"]] == [1, 2]
+    change = {"policy_lr": {"from": cfg.policy_lr, "to": cfg.policy_lr / 2}}
+    assert [r for r in rows if r.get("event") == "resume"] == [{"iteration": 2, "event": "resume", "changed": change}]
+    assert texts["events/resume"] == [(2, f"changed: {json.dumps(change, sort_keys=True)}")]
 
 
 def test_a_fresh_log_replaces_old_event_files(tmp_path: Path) -> None:
@@ -165,6 +173,12 @@ def test_wandb_goes_through_the_same_interface(tmp_path: Path, monkeypatch) -> N
                      ("finish",), ("init", "abc123", "allow"), ("log", 2, {"samples/ppo": "<pre>| a |</pre>"}),
                      ("finish",)]
     assert not list(tmp_path.glob(tracking.EVENT_GLOB))  # TensorBoard was not asked for
+    # W&B's files are a run's own: --overwrite replaces them (a folder of other files would be refused)
+    (tmp_path / "wandb").mkdir()
+    assert is_ours(tmp_path / "wandb") and is_ours(tmp_path / "wandb_run_id")
+    assert check_out(tmp_path, overwrite=True) == tmp_path
+    clear_out(tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_tracker_settings_fail_clearly(tmp_path: Path, monkeypatch, capsys) -> None:
