@@ -9,6 +9,7 @@ minibatch updates and the logged monitors.
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
@@ -57,6 +58,26 @@ class Recording(DistributedPPOTrainer):
         return row
 
 
+class Poisoning(DistributedPPOTrainer):
+    """Rank 1 finds a NaN in a policy weight after the first optimizer step of iteration 2 (what an overflowing
+    optimizer state leaves); rank 0's weights stay finite. Keeps the weights the update of iteration 2 began
+    from."""
+
+    poisoned = False
+
+    def update(self, exp, train_policy):
+        if self.iteration == 2:
+            self.before = adapters(self)
+        return super().update(exp, train_policy)
+
+    def nonfinite_weights(self):
+        if self.dist.rank == 1 and self.iteration == 2 and not self.poisoned:
+            self.poisoned = True
+            with torch.no_grad():
+                self.policy_params[0].view(-1)[0] = float("nan")
+        return super().nonfinite_weights()
+
+
 def adapters(t: PPOTrainer) -> dict[str, torch.Tensor]:
     return {f"{a}/{k}": v for a in ("policy", "critic") for k, v in t.stack.adapter_state(a).items()}
 
@@ -68,7 +89,9 @@ def _worker(rank: int, world: int, folder: Path) -> None:
     import rlhf_lite.plotting
 
     rlhf_lite.plotting.plot_ppo = lambda *a, **k: None
-    torch_dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    # a timeout: processes out of step in their collectives fail the test instead of hanging it
+    torch_dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world,
+                                  timeout=datetime.timedelta(seconds=300))
     try:
         d = current()
         straight = Recording(DCFG, tiny_setup(), folder / "straight", dist=d)
@@ -80,8 +103,11 @@ def _worker(rank: int, world: int, folder: Path) -> None:
         second = DistributedPPOTrainer(DCFG, tiny_setup(), folder / "resumed", dist=d)
         second.load_checkpoint(folder / "resumed/checkpoint")
         second.train()
+        guarded = Poisoning(replace(DCFG, iterations=2), tiny_setup(), folder / "guarded", dist=d)
+        guarded.train()
         torch.save({"adapters": adapters(straight), "resumed": adapters(second), "rollouts": straight.rollouts,
-                    "moments": straight.reward_moments.state_dict()}, folder / f"rank{rank}.pt")
+                    "moments": straight.reward_moments.state_dict(), "guarded": adapters(guarded),
+                    "guarded_before": guarded.before}, folder / f"rank{rank}.pt")
     finally:
         torch_dist.destroy_process_group()
 
@@ -137,6 +163,23 @@ def test_every_rank_holds_the_same_weights_and_resume_is_exact(two_processes: Pa
     assert [r["iteration"] for r in b] == [0, 1, 2, 3] and a == b
     summary = read_json(two_processes / "straight/summary.json")
     assert summary["processes"] == 2 and summary["iterations"] == 3
+
+
+def test_a_nonfinite_weight_on_one_rank_rolls_back_every_rank(two_processes: Path) -> None:
+    """Rank 1 alone sees a NaN weight after a step (ppo/guard.py): both processes roll the update back to the
+    weights it began from, log it once, and stay in step (the run ends; without the shared decision rank 0
+    would wait in the next minibatch's all-reduce while rank 1 had moved on)."""
+    r0, r1 = (torch.load(two_processes / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for r in (r0, r1):
+        assert all(torch.isfinite(v).all() for v in r["guarded"].values())
+        assert all(torch.equal(r["guarded"][k], r["guarded_before"][k]) for k in r["guarded"])
+    assert all(torch.equal(r0["guarded"][k], r1["guarded"][k]) for k in r0["guarded"])
+    rows = read_metrics(two_processes / "guarded/metrics.jsonl")
+    it2 = next(r for r in rows if r.get("iteration") == 2 and "event" not in r)
+    assert it2["skipped_updates"] == DCFG.ppo_epochs * (DCFG.rollout_batch // DCFG.minibatch_size)
+    events = [r for r in rows if r.get("event") == "nonfinite"]
+    assert events == [{"iteration": 2, "event": "nonfinite",
+                       "what": "policy weights after the step of epoch 0, minibatch 0 (update rolled back)"}]
 
 
 def test_gold_measurement_is_reduced(two_processes: Path) -> None:
