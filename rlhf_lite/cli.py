@@ -354,7 +354,7 @@ def run(args: argparse.Namespace) -> None:
     if args.command != "ppo" and launched_world() > 1:
         raise ValueError(f"{args.command} runs in one process: only the ppo stage is data parallel (start the "
                          "other commands without accelerate launch)")
-    if args.command in ("sft", "rm", "ppo", "pipeline"):
+    if args.command in ("sft", "rm", "ppo", "pipeline", "dpo", "grpo", "bon"):
         from .tracking import check_trackers
 
         check_trackers()  # RLHF_LITE_TRACKERS names known trackers whose packages are there

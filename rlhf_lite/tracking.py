@@ -7,15 +7,16 @@ one scalar whose tag ends in the row's own key (:func:`tag_for`, the mapping doc
 
 * ``gold/``: the gold measurement (``gold_score``, ``train_gold_score``, ``eval_response_length``, and the
   per-category keys, which already read ``gold/<category>``; in SFT rows also ``response_length``);
-* ``monitors/``: the paper's monitors of a PPO run (docs/paper.md Sec. 4): length, KL, perplexities,
-  finished and repetition fractions;
-* ``ppo/``, ``rm/``: everything else of a PPO or RM row (reward, losses, clip fractions, accuracies...);
+* ``monitors/``: the paper's monitors of a PPO (or GRPO) run (docs/paper.md Sec. 4): length, KL,
+  perplexities, finished and repetition fractions;
+* ``ppo/``, ``rm/``, ``dpo/``, ``grpo/``, ``bon/``: everything else of a row of that stage (reward, losses,
+  clip fractions, accuracies...);
 * an SFT row's phase (``pretrain/``, ``sft/``): its loss and learning rate;
 * ``events/<event>`` (text): event rows (a skipped non-finite step or rolled-back update, a detected
   collapse, the settings a resume changed, as JSON); strings of a row go in as text too, and so do sample
   tables (``samples/...``).
 
-The step is the row's ``iteration`` (PPO) or ``step`` (SFT, RM). Scalars are written in double precision,
+The step is the row's ``iteration`` (PPO, GRPO) or ``step`` (SFT, RM, DPO); rows without either are counted. Scalars are written in double precision,
 so the event files hold exactly the values of metrics.jsonl. Which trackers run is the environment
 variable ``RLHF_LITE_TRACKERS``: a comma-separated list of ``tensorboard`` (the default), ``wandb`` and
 ``none``. TensorBoard needs the ``tensorboard`` package (in requirements-dev.txt); W&B needs ``wandb`` and
@@ -39,6 +40,7 @@ EVENT_GLOB = "events.out.tfevents.*"
 GOLD = frozenset({"gold_score", "train_gold_score", "eval_response_length"})
 MONITORS = frozenset({"response_length", "kl_per_token", "kl_per_sequence", "kl_k3_per_token", "policy_perplexity",
                       "ref_perplexity", "finished_fraction", "repetition_fraction"})
+MONITORED = ("ppo", "grpo")  # stages that sample rollouts: their monitors share one group
 STEP_KEYS = ("iteration", "step")
 GROUP_KEY = "phase"  # an SFT row's phase names its group
 
@@ -50,7 +52,7 @@ def tag_for(key: str, stage: str, group: str | None = None) -> str:
         return key
     if key in GOLD or (stage == "sft" and key == "response_length"):  # SFT rows: the evaluation's length
         return f"gold/{key}"
-    if stage == "ppo" and key in MONITORS:
+    if stage in MONITORED and key in MONITORS:
         return f"monitors/{key}"
     return f"{group or stage}/{key}"
 

@@ -138,6 +138,11 @@ def test_tags_of_each_stage() -> None:
     assert tracking.split_row({"phase": "sft", "step": 20, "gold_score": 0.5, "response_length": 9.0}, "sft")[1] == {
         "gold/gold_score": 0.5, "gold/response_length": 9.0}
     assert tracking.split_row({"step": 3, "test_accuracy": 0.7}, "rm")[1] == {"rm/test_accuracy": 0.7}
+    # notebook 06's stages: GRPO's monitors sit beside PPO's, the rest under the stage's name
+    assert tracking.split_row({"iteration": 2, "kl_per_token": 0.2, "reward": 1.0}, "grpo")[1] == {
+        "monitors/kl_per_token": 0.2, "grpo/reward": 1.0}
+    assert tracking.split_row({"step": 5, "loss": 0.6, "kl_per_token": 0.1}, "dpo")[1] == {
+        "dpo/loss": 0.6, "dpo/kl_per_token": 0.1}
     assert tracking.split_row({"iteration": 11, "event": "collapse", "reason": "KL 0.9 > 0.5"}, "ppo") == (
         11, {}, {"events/collapse": "reason: KL 0.9 > 0.5"})
 

@@ -154,7 +154,7 @@ def run_bon(out_dir: str | Path, sft_dir: str | Path, rm_dir: str | Path, cfg: B
                 r[k] = float(np.mean([bon_expected(rm[i], v[i], n) for i in np.flatnonzero(sel)]))
     texts = ev.responses if ev is not None else []
     distinct = float(np.mean([len(set(texts[i * N:(i + 1) * N])) / N for i in range(P)])) if texts else None
-    log = MetricsLog(out / "metrics.jsonl")
+    log = MetricsLog(out / "metrics.jsonl", stage="bon")
     for r in rows:
         log.log(r)
     log.close()

@@ -179,7 +179,7 @@ def train_dpo(out_dir: str | Path, sft_dir: str | Path, cfg: DPOConfig | None = 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
     rng = random.Random(cfg.seed)
     clear_out(out)  # an earlier run's files go only now, with every check passed and the models loaded
-    log = MetricsLog(out / "metrics.jsonl")
+    log = MetricsLog(out / "metrics.jsonl", stage="dpo")
     history: list[dict] = []
     collapse = None
     last_eval = None

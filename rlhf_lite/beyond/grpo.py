@@ -286,7 +286,7 @@ class GRPOTrainer:
 
     def train(self) -> dict:
         """Measure the starting policy, run every iteration, then write the policy, samples, summary and plot."""
-        log = MetricsLog(self.out / "metrics.jsonl")
+        log = MetricsLog(self.out / "metrics.jsonl", stage="grpo")
         baseline = self.measure()
         log.log({"iteration": 0, **baseline})
         for it in progress(range(1, self.cfg.iterations + 1), f"GRPO {self.preset}"):
