@@ -1,4 +1,4 @@
-"""Checks for the exercises of notebooks 02 to 04 and 06: the learner's function against the package's own.
+"""Checks for the exercises of notebooks 00 to 04 and 06: the learner's function against the package's own.
 
 Each ``check_*`` takes the learner's function, runs it and the package's reference on hand-built and random
 inputs (padding with garbage in it, left- and right-padded rows, several settings), and raises an
@@ -46,6 +46,68 @@ def attempt(check: Callable, fn: Callable) -> str:
     except NotImplementedError:
         return NOT_ATTEMPTED
     return f"correct: equal to the package's reference on {n} cases"
+
+
+# ----- notebook 00 ---------------------------------------------------------------------------------
+def check_sft_loss(fn: Callable) -> int:
+    """``fn(logits (B, T, V), ids (B, T), loss_mask (B, T)) -> loss``, the SFT loss: mean next-token cross-entropy
+    over every position whose *target* is a response token (one mean over the batch's tokens), against
+    core.ptx_loss on the shifted tensors, as sft.lm_loss computes it. Checks the value and the gradient with
+    respect to the logits."""
+    n = 0
+    for seed, mask in enumerate(_masks()):
+        gen = torch.Generator().manual_seed(110 + seed)
+        for vocab in (5, 11):
+            ids = torch.randint(0, vocab, mask.shape, generator=gen)
+            logits = 2.0 * torch.randn((*mask.shape, vocab), generator=gen, dtype=torch.float64)
+            mine, ref = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+            case = f"loss_mask {mask.long().tolist()}, vocabulary {vocab}"
+            got = fn(mine, ids, mask)
+            want = core.ptx_loss(ref[:, :-1], ids[:, 1:], mask[:, 1:])
+            _close("SFT loss", got.detach(), want.detach(), case)
+            got.backward(), want.backward()
+            _close("d loss / d logits", mine.grad, ref.grad, case)
+            n += 1
+    return n
+
+
+# ----- notebook 01 ---------------------------------------------------------------------------------
+def check_scores_at_eos(fn: Callable) -> int:
+    """``fn(values (B, T), attention_mask (B, T)) -> scores (B,)``: each row's value at its last real token,
+    for left- and right-padded rows, against rm.scores_at_eos."""
+    from .rm import scores_at_eos
+
+    n = 0
+    for seed, mask in enumerate(_masks()):
+        gen = torch.Generator().manual_seed(120 + seed)
+        values = _noisy(mask.shape, gen, mask)
+        _close("scores", fn(values.clone(), mask.long()), scores_at_eos(values, mask.long()),
+               f"attention_mask {mask.long().tolist()}, values {values.round(decimals=2).tolist()}")
+        n += 1
+    return n
+
+
+def check_pairwise_loss(fn: Callable) -> int:
+    """``fn(r_chosen (B,), r_rejected (B,)) -> loss``, the Bradley-Terry loss (paper Eq. 1), against
+    rm.pairwise_loss: the value and both gradients, including margins below -745, where ``sigmoid``
+    underflows to 0 in float64 (so ``log(sigmoid(.))`` is -inf) and ``logsigmoid`` stays finite."""
+    from .rm import pairwise_loss
+
+    gen = torch.Generator().manual_seed(130)
+    n = 0
+    for scale in (1.0, 5.0, 1000.0):
+        for batch in (1, 4, 9):
+            rc, rr = scale * _noisy((batch,), gen), scale * _noisy((batch,), gen)
+            case = f"{batch} pairs, margins {(rc - rr).round(decimals=2).tolist()}"
+            mine = [rc.clone().requires_grad_(True), rr.clone().requires_grad_(True)]
+            ref = [rc.clone().requires_grad_(True), rr.clone().requires_grad_(True)]
+            got, want = fn(*mine), pairwise_loss(*ref)
+            _close("loss", got.detach(), want.detach(), case)
+            got.backward(), want.backward()
+            _close("d loss / d r_chosen", mine[0].grad, ref[0].grad, case)
+            _close("d loss / d r_rejected", mine[1].grad, ref[1].grad, case)
+            n += 1
+    return n
 
 
 # ----- notebook 02 ---------------------------------------------------------------------------------
@@ -255,5 +317,6 @@ def check_bon_expected(fn: Callable) -> int:
 
 
 __all__ = ["NOT_ATTEMPTED", "attempt", "check_bon_expected", "check_dpo_loss", "check_entropy_term", "check_gae",
-           "check_global_clip", "check_group_advantages", "check_mean_ci", "check_paired_bootstrap", "check_policy_loss",
-           "check_running_normalize", "check_shape_rewards", "check_value_loss"]
+           "check_global_clip", "check_group_advantages", "check_mean_ci", "check_paired_bootstrap", "check_pairwise_loss",
+           "check_policy_loss", "check_running_normalize", "check_scores_at_eos", "check_sft_loss", "check_shape_rewards",
+           "check_value_loss"]

@@ -10,6 +10,22 @@ from rlhf_lite import exercises as ex
 
 
 # ----- solutions written from the formulas (the solutions notebook has the same ones) ---------------
+def sft_loss(logits, ids, loss_mask):
+    pred, target, m = logits[:, :-1], ids[:, 1:], loss_mask[:, 1:].bool()
+    logp = torch.log_softmax(pred, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return -logp[m].mean()
+
+
+def scores_at_eos(values, attention_mask):
+    positions = torch.arange(attention_mask.shape[1]).expand_as(attention_mask)
+    last = torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
+    return values[torch.arange(values.shape[0]), last]
+
+
+def pairwise_loss(r_chosen, r_rejected):
+    return torch.nn.functional.softplus(r_rejected - r_chosen).mean()
+
+
 def shape_rewards(scores, kl, mask, kl_coef):
     rewards = torch.zeros_like(kl)
     for b in range(kl.shape[0]):
@@ -97,7 +113,8 @@ def bon_expected(scores, values, n):
     return np.mean([values[max(s, key=lambda i: scores[i])] for s in combinations(range(len(scores)), n)])
 
 
-SOLUTIONS = [(ex.check_shape_rewards, shape_rewards), (ex.check_gae, gae), (ex.check_policy_loss, policy_loss),
+SOLUTIONS = [(ex.check_sft_loss, sft_loss), (ex.check_scores_at_eos, scores_at_eos),
+             (ex.check_pairwise_loss, pairwise_loss), (ex.check_shape_rewards, shape_rewards), (ex.check_gae, gae), (ex.check_policy_loss, policy_loss),
              (ex.check_running_normalize, running_normalize), (ex.check_value_loss, value_loss),
              (ex.check_global_clip, global_clip), (ex.check_mean_ci, mean_ci_solution),
              (ex.check_paired_bootstrap, paired_bootstrap), (ex.check_entropy_term, entropy_term),
@@ -117,6 +134,15 @@ def test_an_untouched_stub_is_reported_not_attempted() -> None:
 
 
 MISTAKES = [
+    (ex.check_sft_loss, lambda lg, ids, m: sft_loss(torch.cat([lg[:, :1], lg], 1)[:, :-1], ids, m)),  # no shift
+    (ex.check_sft_loss, lambda lg, ids, m: sft_loss(lg, ids, torch.ones_like(m))),  # prompt tokens in the loss
+    (ex.check_sft_loss, lambda lg, ids, m: torch.stack([  # a mean per row, then over rows
+        sft_loss(lg[b:b + 1], ids[b:b + 1], m[b:b + 1]) for b in range(len(ids)) if m[b, 1:].any()]).mean()),
+    (ex.check_scores_at_eos, lambda v, m: v[:, -1]),  # the last position, padding or not
+    (ex.check_scores_at_eos, lambda v, m: v[torch.arange(len(v)), m.sum(-1) - 1]),  # right padding only
+    (ex.check_pairwise_loss, lambda c, r: -torch.log(torch.sigmoid(c - r)).mean()),  # overflows on large margins
+    (ex.check_pairwise_loss, lambda c, r: pairwise_loss(r, c)),  # chosen and rejected swapped
+    (ex.check_pairwise_loss, lambda c, r: torch.nn.functional.softplus(r - c).sum()),  # a sum, not a mean
     (ex.check_shape_rewards, lambda s, kl, m, c: shape_rewards(s, kl, m, c) + (1 - m) * kl),  # padding leaks
     (ex.check_gae, lambda r, v, m, g, lam: gae(r, v, m, g, 1.0)),  # lambda ignored
     (ex.check_policy_loss, lambda lp, old, a, m, e: (-a[m.bool()] * torch.exp(lp - old)[m.bool()]).mean()),  # no clip
@@ -146,3 +172,20 @@ MISTAKES = [
 def test_a_wrong_solution_fails_with_a_message(check, wrong) -> None:
     with pytest.raises(AssertionError, match="differs|expected|returned"):
         check(wrong)
+
+
+def test_every_check_has_an_exercise_a_solution_and_a_test() -> None:
+    import json
+    from pathlib import Path
+
+    def sources(path: Path) -> str:
+        return "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+
+    nbs = Path(__file__).resolve().parents[1] / "notebooks"
+    checks = {name for name in ex.__all__ if name.startswith("check_")}
+    exercised = sources(nbs / "00_setup_and_sft.ipynb") + "".join(
+        sources(p) for p in sorted(nbs.glob("0[1-6]_*.ipynb")))
+    solved = sources(nbs / "solutions.ipynb")
+    assert checks == {c.__name__ for c, _ in SOLUTIONS}
+    assert not [c for c in checks if f"exercises.{c}" not in exercised], "a check no notebook's exercise runs"
+    assert not [c for c in checks if f"exercises.{c}" not in solved], "a check without a solution in solutions.ipynb"
