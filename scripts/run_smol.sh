@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The real-model run: SmolLM2-135M-Instruct through the whole pipeline into runs/smol (under an hour on two
+# The real-model run: SmolLM2-135M-Instruct through the whole pipeline into runs/smol (57 min on two
 # idle CPU cores; stages already finished there are kept), its small files copied to results/smol (no
 # weights), then notebook 05 executed on them.
 set -euo pipefail
