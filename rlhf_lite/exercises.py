@@ -39,6 +39,21 @@ def _close(name: str, got, want: torch.Tensor, case: str, atol: float = 1e-6) ->
         f"{name} differs ({case}):\n  yours:    {got.tolist()}\n  expected: {want.tolist()}")
 
 
+def _close_with_grads(name: str, fn: Callable, ref: Callable, wrt: dict[str, torch.Tensor], rest: tuple,
+                      case: str) -> None:
+    """Compare ``fn(*wrt, *rest)`` with ``ref(*wrt, *rest)``, each on its own leaf copies of ``wrt``: the value
+    (the first item where ``ref`` returns ``(loss, stats)``), then the gradient with respect to every input of
+    ``wrt`` (its keys name them in the message)."""
+    mine = [x.clone().requires_grad_(True) for x in wrt.values()]
+    theirs = [x.clone().requires_grad_(True) for x in wrt.values()]
+    got, want = fn(*mine, *rest), ref(*theirs, *rest)
+    want = want[0] if isinstance(want, tuple) else want
+    _close(name, got.detach(), want.detach(), case)
+    got.backward(), want.backward()
+    for label, a, b in zip(wrt, mine, theirs):
+        _close(f"d {name} / d {label}", a.grad, b.grad, case)
+
+
 def attempt(check: Callable, fn: Callable) -> str:
     """Run ``check(fn)``; a message for the notebook, NOT_ATTEMPTED for an untouched stub."""
     try:
@@ -49,6 +64,11 @@ def attempt(check: Callable, fn: Callable) -> str:
 
 
 # ----- notebook 00 ---------------------------------------------------------------------------------
+def _shifted_ptx_loss(logits: torch.Tensor, ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """The SFT loss as sft.lm_loss computes it: the logits at t predict the token at t + 1."""
+    return core.ptx_loss(logits[:, :-1], ids[:, 1:], loss_mask[:, 1:])
+
+
 def check_sft_loss(fn: Callable) -> int:
     """``fn(logits (B, T, V), ids (B, T), loss_mask (B, T)) -> loss``, the SFT loss: mean next-token cross-entropy
     over every position whose *target* is a response token (one mean over the batch's tokens), against
@@ -60,13 +80,8 @@ def check_sft_loss(fn: Callable) -> int:
         for vocab in (5, 11):
             ids = torch.randint(0, vocab, mask.shape, generator=gen)
             logits = 2.0 * torch.randn((*mask.shape, vocab), generator=gen, dtype=torch.float64)
-            mine, ref = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
-            case = f"loss_mask {mask.long().tolist()}, vocabulary {vocab}"
-            got = fn(mine, ids, mask)
-            want = core.ptx_loss(ref[:, :-1], ids[:, 1:], mask[:, 1:])
-            _close("SFT loss", got.detach(), want.detach(), case)
-            got.backward(), want.backward()
-            _close("d loss / d logits", mine.grad, ref.grad, case)
+            _close_with_grads("SFT loss", fn, _shifted_ptx_loss, {"logits": logits}, (ids, mask),
+                              f"loss_mask {mask.long().tolist()}, vocabulary {vocab}")
             n += 1
     return n
 
@@ -98,14 +113,8 @@ def check_pairwise_loss(fn: Callable) -> int:
     for scale in (1.0, 5.0, 1000.0):
         for batch in (1, 4, 9):
             rc, rr = scale * _noisy((batch,), gen), scale * _noisy((batch,), gen)
-            case = f"{batch} pairs, margins {(rc - rr).round(decimals=2).tolist()}"
-            mine = [rc.clone().requires_grad_(True), rr.clone().requires_grad_(True)]
-            ref = [rc.clone().requires_grad_(True), rr.clone().requires_grad_(True)]
-            got, want = fn(*mine), pairwise_loss(*ref)
-            _close("loss", got.detach(), want.detach(), case)
-            got.backward(), want.backward()
-            _close("d loss / d r_chosen", mine[0].grad, ref[0].grad, case)
-            _close("d loss / d r_rejected", mine[1].grad, ref[1].grad, case)
+            _close_with_grads("loss", fn, pairwise_loss, {"r_chosen": rc, "r_rejected": rr}, (),
+                              f"{batch} pairs, margins {(rc - rr).round(decimals=2).tolist()}")
             n += 1
     return n
 
@@ -148,12 +157,8 @@ def check_policy_loss(fn: Callable) -> int:
         logp = old + 0.4 * _noisy(mask.shape, gen)  # ratios from about 0.5 to 2: many clipped tokens
         adv = _noisy(mask.shape, gen, mask)
         for eps in (0.2, 0.1):
-            mine, ref = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
-            got = fn(mine, old, adv, mask, eps)
-            want, _ = core.policy_loss(ref, old, adv, mask, eps)
-            _close("loss", got.detach(), want.detach(), f"mask {mask.tolist()}, clip_eps {eps}")
-            got.backward(), want.backward()
-            _close("d loss / d logp", mine.grad, ref.grad, f"mask {mask.tolist()}, clip_eps {eps}")
+            _close_with_grads("loss", fn, core.policy_loss, {"logp": logp}, (old, adv, mask, eps),
+                              f"mask {mask.tolist()}, clip_eps {eps}")
             n += 1
     return n
 
@@ -184,11 +189,8 @@ def check_value_loss(fn: Callable) -> int:
         old, ret = _noisy(mask.shape, gen, mask), _noisy(mask.shape, gen, mask)
         values = old + 0.5 * _noisy(mask.shape, gen)
         for clip in (None, 0.2):
-            mine, ref = values.clone().requires_grad_(True), values.clone().requires_grad_(True)
-            got, (want, _) = fn(mine, old, ret, mask, clip), core.value_loss(ref, old, ret, mask, clip)
-            _close("value loss", got.detach(), want.detach(), f"mask {mask.tolist()}, clip {clip}")
-            got.backward(), want.backward()
-            _close("d loss / d values", mine.grad, ref.grad, f"mask {mask.tolist()}, clip {clip}")
+            _close_with_grads("value loss", fn, core.value_loss, {"values": values}, (old, ret, mask, clip),
+                              f"mask {mask.tolist()}, clip {clip}")
             n += 1
     return n
 
@@ -248,11 +250,8 @@ def check_entropy_term(fn: Callable) -> int:
         gen = torch.Generator().manual_seed(70 + seed)
         entropy = _noisy(mask.shape, gen, mask).abs()
         for coef, target in ((0.05, 0.2), (0.05, 1.0), (0.5, 0.0)):
-            mine, ref = entropy.clone().requires_grad_(True), entropy.clone().requires_grad_(True)
-            got, want = fn(mine, mask, coef, target), core.entropy_bonus(ref, mask, coef, target)
-            _close("entropy term", got.detach(), want.detach(), f"coef {coef}, target {target}")
-            got.backward(), want.backward()
-            _close("d term / d entropy", mine.grad, ref.grad, f"coef {coef}, target {target}")
+            _close_with_grads("entropy term", fn, core.entropy_bonus, {"entropy": entropy}, (mask, coef, target),
+                              f"coef {coef}, target {target}")
             n += 1
     return n
 
@@ -269,14 +268,8 @@ def check_dpo_loss(fn: Callable) -> int:
     for batch in (1, 4, 7):
         pc, pr, rc, rr = (3.0 * _noisy((batch,), gen) - 20.0 for _ in range(4))
         for beta, eps in ((0.1, 0.0), (0.5, 0.0), (0.1, 0.2)):
-            case = f"{batch} pairs, beta {beta}, label_smoothing {eps}"
-            mine = [pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)]
-            ref = [pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)]
-            got, (want, _) = fn(*mine, rc, rr, beta, eps), dpo_loss(*ref, rc, rr, beta, eps)
-            _close("DPO loss", got.detach(), want.detach(), case)
-            got.backward(), want.backward()
-            _close("d loss / d log pi(chosen)", mine[0].grad, ref[0].grad, case)
-            _close("d loss / d log pi(rejected)", mine[1].grad, ref[1].grad, case)
+            _close_with_grads("DPO loss", fn, dpo_loss, {"log pi(chosen)": pc, "log pi(rejected)": pr},
+                              (rc, rr, beta, eps), f"{batch} pairs, beta {beta}, label_smoothing {eps}")
             n += 1
     return n
 
